@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (see README):
+#   make workbook   create .venv, install, execute every notebook headless into build/
+#   make test       create .venv, install, unit tests + notebook lint + nbval over notebooks/
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= default
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.survey_lib-installed
+export SURVEY_LIB_PROGRESS ?= 0
+
+.PHONY: workbook test install refresh check clean
+
+install: $(STAMP)
+
+# torch (CPU wheel) goes in first, so nothing later pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+workbook: $(STAMP)
+	$(BIN)/survey-lib run --profile $(PROFILE) --output build
+
+test: $(STAMP)
+	$(BIN)/survey-lib check
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+
+# Maintainers: re-execute notebooks in the default profile and store normalized outputs.
+refresh: $(STAMP)
+	$(BIN)/survey-lib refresh
+
+clean:
+	rm -rf build

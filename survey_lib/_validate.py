@@ -1,0 +1,37 @@
+"""Argument checks that fail early with a message naming the parameter and what it accepts."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def check_choice(param: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Raise ValueError unless ``value`` is one of ``choices``; return it."""
+    choices = list(choices)
+    if value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{param}={value!r} is not supported; accepted values: {accepted}")
+    return value
+
+
+def check_int(param: str, value: Any, *, min_value: int | None = None, max_value: int | None = None) -> int:
+    """Raise TypeError unless ``value`` is an int, ValueError unless it lies in [min_value, max_value]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{param} must be an int, got {type(value).__name__} ({value!r})")
+    _check_range(param, value, min_value, max_value)
+    return value
+
+
+def check_float(param: str, value: Any, *, min_value: float | None = None, max_value: float | None = None) -> float:
+    """Raise TypeError unless ``value`` is a real number, ValueError unless it lies in [min_value, max_value]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{param} must be a number, got {type(value).__name__} ({value!r})")
+    _check_range(param, value, min_value, max_value)
+    return float(value)
+
+
+def _check_range(param: str, value: float, lo: float | None, hi: float | None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "-inf" if lo is None else repr(lo)
+        hi_s = "inf" if hi is None else repr(hi)
+        raise ValueError(f"{param}={value!r} is out of range; accepted: {lo_s} <= {param} <= {hi_s}")

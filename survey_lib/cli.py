@@ -1,0 +1,178 @@
+"""``survey-lib`` command line: run notebooks headless, refresh committed outputs, lint notebooks."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import notebooks as nbtools
+from ._io import atomic_write, atomic_write_text
+from .profiles import PROFILES
+
+
+@dataclass
+class RunOutcome:
+    """What running one notebook gave."""
+
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+def run_notebook(path: Path, output: Path, profile: str, *, timeout: int = 900) -> RunOutcome:
+    """Execute one notebook with papermill into ``output``, then write its HTML page."""
+    import papermill as pm
+
+    name = path.stem
+    _set_kernel_env(output, name)
+    params = {} if profile == "default" else {"profile": profile}
+    start = time.perf_counter()
+    try:
+        executed = output / f"{name}.ipynb"
+        pm.execute_notebook(
+            str(path), str(executed), parameters=params, kernel_name="python3",
+            cwd=str(path.parent), progress_bar=False, log_output=False, execution_timeout=timeout,
+        )
+        _write_html(executed, output / f"{name}.html")
+        return RunOutcome(name, True, time.perf_counter() - start)
+    except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
+        return RunOutcome(name, False, time.perf_counter() - start, _first_lines(exc))
+
+
+def _set_kernel_env(output: Path, name: str) -> None:
+    os.environ["SURVEY_LIB_RESULTS_DIR"] = str((output / "results").resolve())
+    os.environ["SURVEY_LIB_NOTEBOOK"] = name
+    os.environ["SURVEY_LIB_PROGRESS"] = "0"
+
+
+def _first_lines(exc: Exception, n: int = 12) -> str:
+    return "\n".join(str(exc).strip().splitlines()[-n:])
+
+
+def _write_html(ipynb: Path, target: Path) -> None:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(ipynb))
+    atomic_write_text(target, body)
+
+
+def write_index(output: Path, outcomes: list[RunOutcome], profile: str) -> Path:
+    """Write ``index.html``: each notebook run, its status, time and key results."""
+    rows = []
+    for o in outcomes:
+        data = _load_results(output, o.name)
+        figures = "<br>".join(
+            f"{html.escape(k)} = {v:.4g} {html.escape(u)} <i>({kind})</i>" if isinstance(v, float)
+            else f"{html.escape(k)} = {v} {html.escape(u)} <i>({kind})</i>"
+            for k, v, u, kind in nbtools.key_results(data)
+        )
+        status = "ok" if o.ok else f"FAILED<pre>{html.escape(o.error)}</pre>"
+        rows.append(
+            f"<tr><td><a href='{o.name}.html'>{o.name}</a></td><td>{status}</td>"
+            f"<td>{o.seconds:.1f} s</td><td>{figures}</td></tr>"
+        )
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>survey_lib workbook</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:.4em;"
+        "vertical-align:top}table{border-collapse:collapse}</style>"
+        f"<h1>Compression and acceleration workbook</h1><p>profile: <b>{profile}</b></p>"
+        "<table><tr><th>notebook</th><th>status</th><th>time</th><th>key results</th></tr>"
+        + "".join(rows) + "</table>"
+    )
+    return atomic_write_text(output / "index.html", page)
+
+
+def _load_results(output: Path, name: str) -> dict:
+    path = output / "results" / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Execute notebooks headless and write the build folder."""
+    paths = nbtools.resolve_notebooks(args.notebooks)
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for i, path in enumerate(paths, 1):
+        print(f"[{i}/{len(paths)}] {path.stem} ({args.profile}) ...", flush=True)
+        outcome = run_notebook(path, output, args.profile, timeout=args.timeout)
+        outcomes.append(outcome)
+        state = "ok" if outcome.ok else "FAILED"
+        print(f"[{i}/{len(paths)}] {path.stem}: {state} in {outcome.seconds:.1f} s", flush=True)
+        if not outcome.ok:
+            print(outcome.error, file=sys.stderr)
+    index = write_index(output, outcomes, args.profile)
+    failed = [o.name for o in outcomes if not o.ok]
+    print(f"wrote {index}; {len(outcomes) - len(failed)} ok, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Re-execute notebooks in the default profile and store their normalized outputs in notebooks/."""
+    output = Path(args.output).resolve()
+    status = 0
+    for path in nbtools.resolve_notebooks(args.notebooks):
+        outcome = run_notebook(path, output, "default", timeout=args.timeout)
+        if not outcome.ok:
+            print(f"{path.stem}: FAILED\n{outcome.error}", file=sys.stderr)
+            status = 1
+            continue
+        nb = nbtools.normalize(nbtools.read(output / f"{path.stem}.ipynb"))
+        atomic_write(path, lambda p: nbtools.nbformat.write(nb, str(p)))
+        print(f"{path.stem}: refreshed in {outcome.seconds:.1f} s")
+    return status
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Lint committed notebooks: normalized, skeleton present, parameters cell first, no errors."""
+    status = 0
+    for path in nbtools.resolve_notebooks(args.notebooks):
+        problems = nbtools.lint(nbtools.read(path))
+        for p in problems:
+            print(f"{path.name}: {p}")
+        status |= bool(problems)
+    print("notebooks ok" if not status else "notebook check failed")
+    return int(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``survey-lib``."""
+    parser = argparse.ArgumentParser(prog="survey-lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute notebooks headless (papermill) into a build folder")
+    run.add_argument("notebooks", nargs="*", help="names like 01 or 01_measuring_cost (default: all)")
+    run.add_argument("--profile", choices=PROFILES, default="default")
+    run.add_argument("--output", default="build", help="folder for executed notebooks, HTML and results")
+    run.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell")
+    run.set_defaults(func=cmd_run)
+    refresh = sub.add_parser("refresh", help="re-run notebooks (default profile) and commit-ready outputs")
+    refresh.add_argument("notebooks", nargs="*")
+    refresh.add_argument("--output", default="build/refresh")
+    refresh.add_argument("--timeout", type=int, default=900)
+    refresh.set_defaults(func=cmd_refresh)
+    check = sub.add_parser("check", help="lint committed notebooks")
+    check.add_argument("notebooks", nargs="*")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``survey-lib`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"survey-lib: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
