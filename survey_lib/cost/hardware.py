@@ -1,0 +1,283 @@
+"""Hardware profiles: rooflines (peak MAC/s per precision, bytes/s per memory level) and energy tables.
+
+``host`` is measured on this machine (peak fp32 GEMM MAC/s and copy bandwidth, cached as JSON).
+The other targets are *estimated* from vendor figures; each derivation is written beside it and the
+sources are listed in the profile.  Estimated latency = max(MACs / peak, bytes / bandwidth)
+(a roofline); estimated energy = MACs x pJ/MAC + bytes x pJ/byte.
+
+Energy per operation (Horowitz, ISSCC 2014, 45 nm), the same table for every profile: a MAC is one
+multiply plus one add at that precision (int8: int8 multiply + int32 accumulate add).  Real chips in
+newer processes spend less per op; the table is for comparing methods, not chips.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .._io import atomic_write_json
+from .._validate import check_choice, check_float
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# --- energy table (Horowitz ISSCC 2014, 45 nm) ------------------------------------------------
+# MAC = mult + add: fp32 3.7 + 0.9 = 4.6 pJ; fp16 1.1 + 0.4 = 1.5 pJ; int8 0.2 + 0.1 (int32 add) = 0.3 pJ.
+ENERGY_PJ_PER_MAC = {"fp32": 3.7 + 0.9, "fp16": 1.1 + 0.4, "int8": 0.2 + 0.1}
+# 64-bit reads: SRAM 8 KB 10 pJ, 32 KB 20 pJ, 1 MB 100 pJ; DRAM 1.3-2.6 nJ (midpoint 1.95 nJ).
+ENERGY_PJ_PER_BYTE = {
+    "sram": 20.0 / 8,  # 32 KB SRAM: 2.5 pJ/byte
+    "sram_1mb": 100.0 / 8,  # 1 MB SRAM: 12.5 pJ/byte
+    "flash": 100.0 / 8,  # no Horowitz figure; assumed like a 1 MB SRAM read (estimate)
+    "dram": 1950.0 / 8,  # 243.75 pJ/byte
+}
+HOROWITZ = "M. Horowitz, 'Computing's energy problem (and what we can do about it)', ISSCC 2014 (45 nm energy table)"
+
+
+@dataclass
+class HardwareProfile:
+    """A roofline (peak MAC/s per precision, bytes/s per memory level) plus an energy table."""
+
+    name: str
+    description: str
+    peak_macs_per_s: dict[str, float]
+    bandwidth_bytes_per_s: dict[str, float]
+    energy_pj_per_mac: dict[str, float] = field(default_factory=lambda: dict(ENERGY_PJ_PER_MAC))
+    energy_pj_per_byte: dict[str, float] = field(default_factory=lambda: dict(ENERGY_PJ_PER_BYTE))
+    kind: str = "estimated"  # "measured" for the host roofline, "estimated" for targets
+    sources: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def peak(self, precision: str) -> float:
+        """Peak MAC/s at ``precision``; ValueError if the hardware has no such precision."""
+        return self.peak_macs_per_s[check_choice("precision", precision, self.peak_macs_per_s)]
+
+    def bandwidth(self, level: str) -> float:
+        """Bytes/s at memory ``level``; ValueError if the hardware has no such level."""
+        return self.bandwidth_bytes_per_s[check_choice("level", level, self.bandwidth_bytes_per_s)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready)."""
+        return asdict(self)
+
+
+# --- estimated targets -------------------------------------------------------------------------
+
+# Arm Cortex-A76 class big core at 2.8 GHz (e.g. Snapdragon 855 prime core 2.84 GHz).
+# Two 128-bit ASIMD FMA pipes (Cortex-A76 Software Optimization Guide, FMLA throughput 2/cycle):
+#   fp32: 2 pipes x 4 lanes = 8 MAC/cycle -> 22.4 GMAC/s
+#   fp16: 2 pipes x 8 lanes = 16 MAC/cycle -> 44.8 GMAC/s (Armv8.2 FP16 arithmetic)
+#   int8: SDOT, 16 MACs per 128-bit instruction x 2 pipes = 32 MAC/cycle -> 89.6 GMAC/s
+# DRAM: LPDDR4X-4266 on a 64-bit bus = 34.1 GB/s per SoC; one core sustains roughly half: 15 GB/s.
+# SRAM (L1): 2 x 128-bit loads/cycle = 32 B/cycle x 2.8 GHz = 89.6 GB/s.
+_A76_GHZ = 2.8e9
+MOBILE_BIG_CORE = HardwareProfile(
+    name="mobile_big_core",
+    description="Arm Cortex-A76-class phone core at 2.8 GHz, NEON (2x128-bit FMA), LPDDR4X (estimated)",
+    peak_macs_per_s={"fp32": 8 * _A76_GHZ, "fp16": 16 * _A76_GHZ, "int8": 32 * _A76_GHZ},
+    bandwidth_bytes_per_s={"dram": 15e9, "sram": 32 * _A76_GHZ},
+    sources=[
+        "Arm Cortex-A76 Software Optimization Guide (Arm, 2018): ASIMD FMLA/SDOT throughput 2 per cycle",
+        "JEDEC JESD209-4 LPDDR4/LPDDR4X: 4266 MT/s x 64-bit bus = 34.1 GB/s",
+        HOROWITZ,
+    ],
+)
+
+# STM32H743 (Cortex-M7 at 480 MHz).
+#   fp32: FPv5 single-precision VFMA, at most 1 MAC/cycle -> 0.48 GMAC/s (loads compete in practice)
+#   fp16: no fp16 arithmetic on FPv5 (conversion only): same as fp32
+#   int8: SMLAD does 2 16-bit MACs/cycle after SXTB16 unpacking; CMSIS-NN reaches ~2 MAC/cycle -> 0.96 GMAC/s
+# SRAM: DTCM 64-bit at 480 MHz = 3.84 GB/s.  Flash: 256-bit lines at 240 MHz with wait states, ~1 GB/s
+# sustained (estimate).  DRAM: external SDRAM via FMC, 32-bit at 100 MHz = 0.4 GB/s.
+_M7_HZ = 480e6
+MCU_CORTEX_M7 = HardwareProfile(
+    name="mcu_cortex_m7",
+    description="STM32H7-class Cortex-M7 MCU at 480 MHz, CMSIS-NN int8, on-chip SRAM + flash (estimated)",
+    peak_macs_per_s={"fp32": 1 * _M7_HZ, "fp16": 1 * _M7_HZ, "int8": 2 * _M7_HZ},
+    bandwidth_bytes_per_s={"sram": 8 * _M7_HZ, "flash": 1.0e9, "dram": 0.4e9},
+    sources=[
+        "STMicroelectronics STM32H742xI/743xI datasheet DS12110 (480 MHz Cortex-M7, TCM, AXI SRAM, flash, FMC)",
+        "Arm Cortex-M7 Technical Reference Manual (FPv5, DSP SMLAD)",
+        "L. Lai, N. Suda, V. Chandra, 'CMSIS-NN: Efficient Neural Network Kernels for Arm Cortex-M CPUs', arXiv:1801.06601, 2018",
+        HOROWITZ,
+    ],
+)
+
+# Arm Ethos-U55 micro-NPU, largest configuration: 256 int8 MACs/cycle at 500 MHz -> 128 GMAC/s
+# (= 0.256 TOPS, counting a MAC as 2 ops).  int8 (and int16) only: no fp32/fp16 entry.
+# SRAM: 64-bit AXI at 500 MHz = 4 GB/s.  Off-chip flash/DRAM via the second AXI port: ~1 GB/s (estimate).
+ETHOS_U55 = HardwareProfile(
+    name="int8_npu",
+    description="Arm Ethos-U55-class micro-NPU, 256 int8 MACs/cycle at 500 MHz, int8 only (estimated)",
+    peak_macs_per_s={"int8": 256 * 500e6},
+    bandwidth_bytes_per_s={"sram": 8 * 500e6, "dram": 1.0e9},
+    sources=[
+        "Arm Ethos-U55 product page and Technical Reference Manual: 32-256 MACs/cycle, int8/int16, 0.5 TOPS class",
+        HOROWITZ,
+    ],
+)
+
+_TARGETS = {p.name: p for p in (MOBILE_BIG_CORE, MCU_CORTEX_M7, ETHOS_U55)}
+HARDWARE_NAMES = ("host",) + tuple(_TARGETS)
+
+
+# --- host micro-benchmark -------------------------------------------------------------------------
+
+
+def cache_path() -> Path:
+    """Where the host profile is cached: $SURVEY_LIB_CACHE or ~/.cache/survey_lib, file host_profile.json."""
+    root = os.environ.get("SURVEY_LIB_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "survey_lib"
+    return base / "host_profile.json"
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_gemm_macs_per_s(threads: int, n: int = 1024, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 torch.mm MAC/s on n x n matrices at ``threads`` threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return n**3 / _best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_copy_bytes_per_s(mbytes: int = 64, repeats: int = 5) -> float:
+    """Best-of-``repeats`` copy bandwidth of a ``mbytes`` MB tensor: (bytes read + written) / s."""
+    src = torch.ones(mbytes * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
+
+
+def _host_key() -> dict[str, Any]:
+    return {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
+            "cpus": os.cpu_count(), "torch": torch.__version__}
+
+
+def _measure_host() -> dict[str, Any]:
+    t0 = time.perf_counter()
+    nmax = max(1, min(2, os.cpu_count() or 1))
+    gemm = {t: measure_gemm_macs_per_s(t) for t in sorted({1, nmax})}
+    copy = measure_copy_bytes_per_s()
+    return {"key": _host_key(), "gemm_fp32_macs_per_s": {str(k): v for k, v in gemm.items()},
+            "copy_bytes_per_s": copy, "seconds": time.perf_counter() - t0, "measured_at": time.time()}
+
+
+def _host_from(data: dict[str, Any]) -> HardwareProfile:
+    gemm = {int(k): float(v) for k, v in data["gemm_fp32_macs_per_s"].items()}
+    return HardwareProfile(
+        name="host",
+        description=f"this machine ({platform.processor() or platform.machine()}), torch.mm fp32 GEMM at 1 thread, copy bandwidth (measured)",
+        peak_macs_per_s={"fp32": gemm[1]},
+        bandwidth_bytes_per_s={"dram": float(data["copy_bytes_per_s"])},
+        kind="measured",
+        sources=["micro-benchmark: best of 5 torch.mm 1024x1024 fp32; 64 MB tensor copy (read + write)", HOROWITZ + " (energy, estimated)"],
+        extra={f"fp32_macs_per_s_{t}threads": v for t, v in gemm.items()} | {"measurement_s": data.get("seconds")},
+    )
+
+
+_HOST: HardwareProfile | None = None
+
+
+def host_profile(cache: bool = True) -> HardwareProfile:
+    """Measured host roofline (fp32 GEMM MAC/s at 1 and 2 threads, copy bytes/s), cached as JSON."""
+    global _HOST
+    path = cache_path()
+    if cache:
+        if _HOST is not None and _HOST.extra.get("cache") == str(path):
+            return _HOST
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == _host_key():
+                _HOST = _host_from(data)
+                _HOST.extra["cache"] = str(path)
+                return _HOST
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    data = _measure_host()
+    prof = _host_from(data)
+    if cache:
+        atomic_write_json(path, data)
+        prof.extra["cache"] = str(path)
+        _HOST = prof
+    return prof
+
+
+def get_hardware(name: str | HardwareProfile) -> HardwareProfile:
+    """The hardware profile called ``name`` (one of HARDWARE_NAMES); a profile passes through."""
+    if isinstance(name, HardwareProfile):
+        return name
+    check_choice("hardware", name, HARDWARE_NAMES)
+    return host_profile() if name == "host" else copy.deepcopy(_TARGETS[name])
+
+
+# --- estimates ------------------------------------------------------------------------------------
+
+
+def estimate_latency(macs: float, bytes: float, hardware: str | HardwareProfile, precision: str = "fp32", level: str = "dram") -> float:
+    """Roofline seconds: max(MACs / peak MAC/s at precision, bytes / bandwidth at level) (estimated)."""
+    hw = get_hardware(hardware)
+    check_float("macs", macs, min_value=0)
+    check_float("bytes", bytes, min_value=0)
+    return max(macs / hw.peak(precision), bytes / hw.bandwidth(level))
+
+
+def estimate_energy(macs: float, bytes: float, hardware: str | HardwareProfile, precision: str = "fp32", level: str = "dram") -> float:
+    """Joules: MACs x pJ per MAC at precision + bytes x pJ per byte at level (estimated)."""
+    hw = get_hardware(hardware)
+    check_float("macs", macs, min_value=0)
+    check_float("bytes", bytes, min_value=0)
+    pj_mac = hw.energy_pj_per_mac[check_choice("precision", precision, hw.energy_pj_per_mac)]
+    pj_byte = hw.energy_pj_per_byte[check_choice("level", level, hw.energy_pj_per_byte)]
+    return (macs * pj_mac + bytes * pj_byte) * 1e-12
+
+
+def roofline_points(report: Any, hardware: str | HardwareProfile, precision: str = "fp32", level: str = "dram") -> pd.DataFrame:
+    """Per layer: MACs, bytes, arithmetic intensity (MACs/byte), attainable MAC/s and estimated seconds."""
+    hw = get_hardware(hardware)
+    layers = report.layers if hasattr(report, "layers") else report
+    if not isinstance(layers, pd.DataFrame) or not {"name", "macs", "traffic_bytes"} <= set(layers.columns):
+        raise TypeError("report must be a CostReport or a DataFrame with columns name, macs, traffic_bytes")
+    peak, bw = hw.peak(precision), hw.bandwidth(level)
+    df = layers[["name", "macs", "traffic_bytes"]].copy()
+    df["intensity_macs_per_byte"] = df["macs"] / df["traffic_bytes"].where(df["traffic_bytes"] > 0)
+    df["attainable_macs_per_s"] = (df["intensity_macs_per_byte"] * bw).clip(upper=peak)
+    df["est_latency_s"] = [max(m / peak, b / bw) for m, b in zip(df["macs"], df["traffic_bytes"])]
+    df["bound"] = ["compute" if m / peak >= b / bw else "memory" for m, b in zip(df["macs"], df["traffic_bytes"])]
+    df.attrs.update(hardware=hw.name, precision=precision, level=level, peak_macs_per_s=peak, bandwidth_bytes_per_s=bw, kind="estimated")
+    return df
+
+
+__all__ = [
+    "HardwareProfile",
+    "HARDWARE_NAMES",
+    "PRECISIONS",
+    "ENERGY_PJ_PER_MAC",
+    "ENERGY_PJ_PER_BYTE",
+    "get_hardware",
+    "host_profile",
+    "estimate_latency",
+    "estimate_energy",
+    "roofline_points",
+    "cache_path",
+]

@@ -1,0 +1,321 @@
+"""Measured latency: PyTorch eager and ONNX Runtime (CPU), median and IQR over >= 30 runs.
+
+Every result states runtime, batch, threads, runs and warm-up.  The host is noisy: compare models
+with ``compare_latency``, which interleaves them (each round runs every model once, in a seeded
+shuffled order) in the same process, and quote ratios.  On a busy 2-core machine torch's OpenMP
+threads oversubscribe: eager at 2 threads can be many times slower than at 1 thread.
+
+ONNX export uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``), one file per
+model and input shape (a batch-1 example would be specialised anyway), cached in a temp dir.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import logging
+import random
+import shutil
+import tempfile
+import time
+import warnings
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .._io import atomic_write
+from .._validate import check_choice, check_int
+from .counting import check_example_input, check_model, eval_mode, run_forward
+
+RUNTIMES = ("eager", "ort")
+MIN_RUNS = 30
+
+
+@dataclass
+class LatencyResult:
+    """Measured wall time per call: median, quartiles and IQR in ms, with the settings used."""
+
+    runtime: str
+    batch: int
+    threads: int
+    runs: int
+    warmup: int
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    iqr_ms: float
+    min_ms: float
+    samples_ms: list[float] = field(repr=False)
+    kind: str = "measured"
+
+    @property
+    def per_item_ms(self) -> float:
+        """Median ms per input item (median_ms / batch)."""
+        return self.median_ms / self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the result, including per_item_ms."""
+        return {**asdict(self), "per_item_ms": self.per_item_ms}
+
+
+def summarize(samples_ms: Sequence[float], *, runtime: str, batch: int, threads: int, warmup: int) -> LatencyResult:
+    """LatencyResult from raw samples (median, quartiles by linear interpolation)."""
+    a = np.asarray(samples_ms, dtype=float)
+    q1, med, q3 = (float(v) for v in np.percentile(a, [25, 50, 75]))
+    return LatencyResult(runtime, batch, threads, len(a), warmup, med, q1, q3, q3 - q1, float(a.min()), [float(v) for v in a])
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _check_settings(runtime: str, threads: int, runs: int, warmup: int) -> None:
+    check_choice("runtime", runtime, RUNTIMES)
+    check_int("threads", threads, min_value=1, max_value=256)
+    check_int("runs", runs, min_value=MIN_RUNS)
+    check_int("warmup", warmup, min_value=0)
+
+
+def batch_input(example_input: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """``example_input`` resized along dim 0 to ``batch`` items (its items repeated cyclically)."""
+    check_example_input(example_input)
+    if batch is None or batch == example_input.shape[0]:
+        return example_input.detach().contiguous()
+    check_int("batch", batch, min_value=1)
+    idx = torch.arange(batch) % example_input.shape[0]
+    return example_input.detach()[idx].contiguous()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block, then restore the previous value."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's prints, warnings and log lines."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """Export ``model`` (eval) at example_input's shape to ONNX with the dynamo exporter; return the path."""
+    check_model(model)
+    check_example_input(example_input)
+    path = Path(path)
+    with eval_mode(model), torch.no_grad():
+        run_forward(model, example_input)  # a clear ValueError for an input that does not fit
+
+        def write(tmp: Path) -> None:
+            with _quiet():
+                prog = torch.onnx.export(model, (example_input,), dynamo=True, verbose=False, external_data=False,
+                                         input_names=["input"], report=False)
+                prog.save(str(tmp), external_data=False)
+
+        atomic_write(path, write)
+    return path
+
+
+def ort_session(path: str | Path, threads: int = 1) -> Any:
+    """ONNX Runtime CPU session: intra-op ``threads``, 1 inter-op thread, sequential, all graph optimizations."""
+    import onnxruntime as ort
+
+    check_int("threads", threads, min_value=1, max_value=256)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _flat_outputs(out: Any) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def check_ort_matches(model: nn.Module, session: Any, x: torch.Tensor, rtol: float = 1e-3, atol: float = 1e-4) -> None:
+    """Raise RuntimeError unless the ORT session's outputs are allclose to the eager model's."""
+    with eval_mode(model), torch.inference_mode():
+        ref = _flat_outputs(model(x))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    if len(ref) != len(got):
+        raise RuntimeError(f"ONNX model returns {len(got)} outputs, torch returns {len(ref)}")
+    for i, (r, g) in enumerate(zip(ref, got)):
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        if r.shape != g.shape or not np.allclose(r, g, rtol=rtol, atol=atol * max(1.0, scale)):
+            err = float(np.abs(r - g).max()) if r.shape == g.shape else float("nan")
+            raise RuntimeError(f"ONNX Runtime output {i} differs from torch (shape {g.shape} vs {r.shape}, max abs err {err:.3g})")
+
+
+_CACHE_DIR: Path | None = None
+_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Path]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module, x: torch.Tensor) -> tuple:
+    # in-place weight edits bump tensor._version, so a changed model is re-exported
+    state = tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values() if t is not None)
+    return (tuple(x.shape), str(x.dtype), state)
+
+
+def cached_onnx(model: nn.Module, x: torch.Tensor) -> Path:
+    """ONNX file of ``model`` at ``x``'s shape, exported (and checked against torch) once per model state."""
+    global _CACHE_DIR
+    key = _fingerprint(model, x)
+    per_model = _EXPORTS.setdefault(model, {})
+    if key in per_model and per_model[key].exists():
+        return per_model[key]
+    if _CACHE_DIR is None:
+        _CACHE_DIR = Path(tempfile.mkdtemp(prefix="survey_lib_onnx_"))
+        atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    path = export_onnx(model, x, _CACHE_DIR / f"m{id(model)}_{len(per_model)}_b{x.shape[0]}.onnx")
+    check_ort_matches(model, ort_session(path, 1), x)
+    per_model[key] = path
+    return path
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def _eager_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    return lambda: model(x)
+
+
+def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], Any]:
+    sess = ort_session(cached_onnx(model, x), threads)
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+@contextlib.contextmanager
+def _runners(models: dict[str, nn.Module], x: torch.Tensor, runtime: str, threads: int) -> Iterator[dict[str, Callable[[], Any]]]:
+    """Callables running one inference per model, with eval/inference_mode/threads set for the block."""
+    with contextlib.ExitStack() as stack:
+        for m in models.values():
+            stack.enter_context(eval_mode(m))
+        if runtime == "eager":
+            with torch.inference_mode():
+                for m in models.values():
+                    run_forward(m, x)  # fail early, with a clear message
+            stack.enter_context(torch_threads(threads))
+            stack.enter_context(torch.inference_mode())
+            yield {k: _eager_runner(m, x) for k, m in models.items()}
+        else:
+            yield {k: _ort_runner(m, x, threads) for k, m in models.items()}
+
+
+def _time_ms(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def compare_latency(
+    models: dict[str, nn.Module],
+    example_input: torch.Tensor,
+    *,
+    runtime: str = "eager",
+    batch: int | None = None,
+    threads: int = 1,
+    runs: int = MIN_RUNS,
+    warmup: int = 10,
+    seed: int = 0,
+) -> dict[str, LatencyResult]:
+    """Measure several models interleaved: each round runs every model once in a seeded shuffled order."""
+    if not isinstance(models, dict) or not models:
+        raise TypeError("models must be a non-empty dict {name: nn.Module}")
+    for m in models.values():
+        check_model(m)
+    _check_settings(runtime, threads, runs, warmup)
+    x = batch_input(example_input, batch)
+    rng = random.Random(seed)
+    names = list(models)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    with _runners(models, x, runtime, threads) as run:
+        for r in range(warmup + runs):
+            order = names[:]
+            rng.shuffle(order)
+            for k in order:
+                ms = _time_ms(run[k])
+                if r >= warmup:
+                    samples[k].append(ms)
+    return {k: summarize(samples[k], runtime=runtime, batch=int(x.shape[0]), threads=threads, warmup=warmup) for k in names}
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    runtime: str = "eager",
+    batch: int | None = None,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = MIN_RUNS,
+) -> LatencyResult:
+    """Median/IQR wall time of one call at ``batch`` (default: example_input's), ``threads`` and ``runtime``."""
+    return compare_latency({"model": model}, example_input, runtime=runtime, batch=batch, threads=threads, runs=runs, warmup=warmup)["model"]
+
+
+GRID_COLUMNS = ("runtime", "batch", "threads", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "per_item_ms", "runs", "warmup", "kind")
+
+
+def latency_grid(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    batches: Sequence[int] = (1, 32),
+    threads: Sequence[int] = (1, 2),
+    runtimes: Sequence[str] = RUNTIMES,
+    *,
+    runs: int = MIN_RUNS,
+    warmup: int = 10,
+) -> pd.DataFrame:
+    """One measured row per (runtime, batch, threads): median, quartiles, IQR and per-item ms."""
+    for r in runtimes:
+        check_choice("runtimes", r, RUNTIMES)
+    rows = []
+    for rt in runtimes:
+        for b in batches:
+            for t in threads:
+                res = measure_latency(model, example_input, runtime=rt, batch=b, threads=t, runs=runs, warmup=warmup)
+                rows.append({c: v for c, v in res.to_dict().items() if c in GRID_COLUMNS})
+    return pd.DataFrame(rows, columns=list(GRID_COLUMNS))
+
+
+__all__ = [
+    "LatencyResult",
+    "measure_latency",
+    "compare_latency",
+    "latency_grid",
+    "export_onnx",
+    "ort_session",
+    "cached_onnx",
+    "check_ort_matches",
+    "batch_input",
+    "torch_threads",
+    "RUNTIMES",
+]
