@@ -1,0 +1,135 @@
+"""The shared baselines every notebook compresses: trained once per (dataset, task, arch, profile, seed), cached.
+
+* digits / classification: a small VGG-style CNN at 8x8 (one pooling); >= 97% test accuracy in seconds.
+* shapes / every task: the MAIN shapes net, VGG-style at 32x32 (32,32,M,64,64,M,128,128,M; ~38.6 MMACs
+  per image for the backbone), so measured latency is compute-dominated. The task changes only the head.
+* cifar10 / classification: the same VGG-style net; needs a local copy of the dataset (see data.load).
+
+The ``default`` profile fits a 2-core laptop (each baseline trains in well under half a minute); ``full``
+uses more data and epochs. Metrics are on the test split; ``val_metrics`` are on the validation split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ._validate import check_choice, check_int
+from .data import DATASET_TASKS, DATASETS, Splits, load
+from .models import ARCH_TASKS, ARCHS, build_model
+from .profiles import check_profile
+from .tasks import Task, task_for
+from .train import cached_train, evaluate, fit
+
+BASELINE_SCHEMA = 1
+BUDGET_KEYS = ("n", "epochs", "batch_size", "lr", "weight_decay", "width", "depth", "val_fraction",
+               "test_fraction")
+
+_DIGITS = {"n": None, "epochs": 10, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.0, "width": 0.5,
+           "depth": 2, "val_fraction": 0.15, "test_fraction": 0.2}
+_SHAPES = {"n": 4400, "epochs": 3, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0, "width": 1.0,
+           "depth": 2, "val_fraction": 0.1, "test_fraction": 0.15}
+_CIFAR = {"n": 12000, "epochs": 4, "batch_size": 64, "lr": 2e-3, "weight_decay": 5e-4, "width": 1.0,
+          "depth": 2, "val_fraction": 0.1, "test_fraction": 1 / 6}
+
+BUDGETS: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("digits", "classification", "default"): _DIGITS,
+    ("digits", "classification", "full"): {**_DIGITS, "epochs": 30, "width": 1.0},
+    ("cifar10", "classification", "default"): _CIFAR,
+    ("cifar10", "classification", "full"): {**_CIFAR, "n": None, "epochs": 30},
+}
+for _task in DATASET_TASKS["shapes"]:
+    BUDGETS[("shapes", _task, "default")] = dict(_SHAPES)
+    BUDGETS[("shapes", _task, "full")] = {**_SHAPES, "n": 20000, "epochs": 15}
+
+
+@dataclass
+class Baseline:
+    """A trained reference model (eval mode) with its task, data, test metrics, config and training time."""
+
+    model: nn.Module
+    task: Task
+    data: Splits
+    metrics: dict[str, float]
+    config: dict[str, Any]
+    train_seconds: float
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def baseline(
+    task: str = "classification",
+    dataset: str = "digits",
+    *,
+    profile: str = "default",
+    seed: int = 0,
+    arch: str | None = None,
+    budget: dict[str, Any] | None = None,
+) -> Baseline:
+    """The shared baseline of ``dataset`` x ``task``, trained once and then loaded from the checkpoint cache.
+
+    ``arch=None`` picks the VGG-style reference net; ``budget`` overrides entries of the profile's budget
+    (``n``, ``epochs``, ``lr``, ``width`` ...) for quick experiments and tests.
+    """
+    config = baseline_config(task, dataset, profile=profile, seed=seed, arch=arch, budget=budget)
+    data = load(dataset, task, seed=seed, n=config["n"], val_fraction=config["val_fraction"],
+                test_fraction=config["test_fraction"])
+    task_obj = task_for(data)
+    model, metrics = cached_train(
+        config,
+        build=lambda: _build(config, task_obj, data),
+        train=lambda model: _train(model, config, task_obj, data),
+    )
+    model.eval()
+    return Baseline(
+        model=model, task=task_obj, data=data, metrics=dict(metrics["test"]), config=config,
+        train_seconds=float(metrics["train_seconds"]), val_metrics=dict(metrics["val"]),
+    )
+
+
+def baseline_config(
+    task: str = "classification",
+    dataset: str = "digits",
+    *,
+    profile: str = "default",
+    seed: int = 0,
+    arch: str | None = None,
+    budget: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full, JSON-able configuration (and cache key material) of a baseline."""
+    check_choice("dataset", dataset, DATASETS)
+    check_choice(f"task (for dataset {dataset!r})", task, DATASET_TASKS[dataset])
+    check_profile(profile)
+    check_int("seed", seed, min_value=0)
+    arch = "vgg" if arch is None else check_choice("arch", arch, ARCHS)
+    check_choice(f"task (for arch {arch!r})", task, ARCH_TASKS[arch])
+    settings = dict(BUDGETS[(dataset, task, profile)])
+    for key, value in (budget or {}).items():
+        check_choice("budget key", key, BUDGET_KEYS)
+        settings[key] = value
+    return {"schema": BASELINE_SCHEMA, "dataset": dataset, "task": task, "profile": profile, "seed": seed,
+            "arch": arch, "optimizer": "adam", "schedule": "cosine", **settings}
+
+
+def _build(config: dict[str, Any], task: Task, data: Splits) -> nn.Module:
+    """A fresh, seeded model for ``config``."""
+    import torch
+
+    torch.manual_seed(config["seed"])
+    return build_model(config["arch"], task, in_channels=data.info.in_channels, width=config["width"],
+                       depth=config["depth"], image_size=data.info.image_size)
+
+
+def _train(model: nn.Module, config: dict[str, Any], task: Task, data: Splits) -> dict[str, Any]:
+    """Train with the config's budget; return test/val metrics and the training time."""
+    start = time.perf_counter()
+    history = fit(model, task, data.train, epochs=config["epochs"], batch_size=config["batch_size"],
+                  lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"],
+                  schedule=config["schedule"], seed=config["seed"])
+    seconds = time.perf_counter() - start
+    return {
+        "test": evaluate(model, task, data.test), "val": evaluate(model, task, data.val),
+        "train_seconds": seconds, "train_loss": history.train_loss,
+    }
