@@ -32,6 +32,7 @@ def run_notebook(path: Path, output: Path, profile: str, *, timeout: int = 900) 
     import papermill as pm
 
     name = path.stem
+    output.mkdir(parents=True, exist_ok=True)
     _set_kernel_env(output, name)
     params = {} if profile == "default" else {"profile": profile}
     start = time.perf_counter()
@@ -99,7 +100,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Execute notebooks headless and write the build folder."""
     paths = nbtools.resolve_notebooks(args.notebooks)
     output = Path(args.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.stem} ({args.profile}) ...", flush=True)

@@ -55,8 +55,8 @@ def results_path(notebook: str) -> Path:
     return results_dir() / f"{notebook}.json"
 
 
-def record(name: str, value: Any, kind: str, unit: str, **config: Any) -> dict[str, Any]:
-    """Record one figure, labelled counted/measured/estimated, with its unit and settings; return the entry."""
+def record(name: str, value: Any, kind: str, unit: str, **config: Any) -> None:
+    """Record one figure, labelled counted/measured/estimated, with its unit and settings."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     check_choice("kind", kind, KINDS)
@@ -74,7 +74,6 @@ def record(name: str, value: Any, kind: str, unit: str, **config: Any) -> dict[s
     data = load(notebook)
     data["results"][name] = entry
     atomic_write_json(results_path(notebook), data)
-    return entry
 
 
 def load(notebook: str, directory: str | Path | None = None) -> dict[str, Any]:

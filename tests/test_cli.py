@@ -50,3 +50,13 @@ def test_unknown_notebook_is_a_clear_error(capsys):
 def test_unknown_profile_is_rejected():
     with pytest.raises(SystemExit):
         cli.main(["run", "--profile", "huge"])
+
+
+def test_refresh_stores_normalized_outputs_in_place(tmp_path):
+    nb_path = _write_notebook(tmp_path / "96_fresh.ipynb", "print(6 * 7)")
+    assert cli.main(["refresh", str(nb_path), "--output", str(tmp_path / "never_made" / "r")]) == 0
+    nb = nbformat.read(str(nb_path), as_version=4)
+    assert nb.cells[1].outputs[0]["text"] == "42\n"
+    assert nb.cells[1].execution_count == 2
+    assert "papermill" not in nb.metadata and "papermill" not in nb.cells[1].metadata
+    assert "execution" not in nb.cells[1].metadata
