@@ -280,8 +280,11 @@ def cache_dir() -> Path:
 
 
 def cache_key(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``config`` plus the cache schema version."""
-    canonical = json.dumps({"config": config, "schema": CACHE_SCHEMA}, sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of ``config``, the cache schema and the survey_lib and torch versions."""
+    from . import __version__
+
+    versions = {"schema": CACHE_SCHEMA, "survey_lib": __version__, "torch": torch.__version__.split("+")[0]}
+    canonical = json.dumps({"config": config, **versions}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

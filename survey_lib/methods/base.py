@@ -1,0 +1,113 @@
+"""The shared method interface: a ``Context`` (task, data, fine-tuning budget) and what a method changes.
+
+Every method is a function ``method(model, ctx, **config) -> nn.Module``. It deep-copies ``model``, never
+mutates it, and marks the result with what it *really* changes, so the benchmark can tell simulated
+savings (masks, fake-quant) from real ones (smaller tensors, a sparse or low-bit file, int8 kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import check_choice, check_float, check_int
+from ..data import Splits
+from ..tasks import Task
+from ..train import Callback, ExtraLoss, History, evaluate, fit
+
+# What a method really changes (DESIGN.md section 3).
+CHANGES = (
+    "mask",             # simulated: zeros in dense tensors, nothing smaller or faster by itself
+    "dense_shapes",     # real: smaller dense tensors, fewer MACs executed
+    "sparse_format",    # real storage: a sparse file format (CSR, bitmask, relative index)
+    "low_bit_storage",  # real storage: packed low-bit weights or codebook indices
+    "int8_kernel",      # real compute: integer kernels at deployment
+    "architecture",     # a different (compact) architecture
+    "training",         # only the training changed (e.g. distillation)
+)
+
+
+@dataclass
+class Context:
+    """What a method may use: the task, the data splits and the fine-tuning budget (epochs)."""
+
+    task: Task
+    data: Splits
+    budget: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("budget", self.budget, min_value=0)
+        check_float("lr", self.lr, min_value=0.0)
+        check_int("batch_size", self.batch_size, min_value=1)
+        check_int("seed", self.seed, min_value=0)
+
+    @classmethod
+    def from_baseline(cls, base: Any, **overrides: Any) -> "Context":
+        """A context on a ``survey_lib.baselines.Baseline``'s task and data."""
+        return cls(task=base.task, data=base.data, seed=base.config.get("seed", 0), **overrides)
+
+    def finetune(
+        self,
+        model: nn.Module,
+        *,
+        epochs: int | None = None,
+        callbacks: Iterable[Callback] = (),
+        extra_loss: ExtraLoss | None = None,
+        lr: float | None = None,
+    ) -> History:
+        """Fine-tune ``model`` in place on the training split for ``epochs`` (default: the budget)."""
+        epochs = self.budget if epochs is None else check_int("epochs", epochs, min_value=0)
+        return fit(model, self.task, self.data.train, epochs=epochs, batch_size=self.batch_size,
+                   lr=self.lr if lr is None else lr, seed=self.seed, callbacks=tuple(callbacks),
+                   extra_loss=extra_loss)
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        """Metrics of ``model`` on ``split`` ("train", "val" or "test")."""
+        check_choice("split", split, ("train", "val", "test"))
+        return evaluate(model, self.task, getattr(self.data, split))
+
+    def score(self, model: nn.Module, split: str = "test") -> float:
+        """The task's primary metric of ``model`` on ``split``."""
+        return self.evaluate(model, split)[self.task.primary_metric]
+
+    def example_input(self, batch: int = 1, split: str = "test") -> Tensor:
+        """The first ``batch`` inputs of ``split``, stacked."""
+        check_int("batch", batch, min_value=1)
+        dataset = getattr(self.data, check_choice("split", split, ("train", "val", "test")))
+        return torch.stack([dataset[i][0] for i in range(min(batch, len(dataset)))])
+
+    def calibration_batches(self, n_batches: int = 4) -> list[tuple[Tensor, Tensor]]:
+        """A few (input, target) training batches, e.g. for Fisher/Hessian estimates or calibration."""
+        from ..data import loader
+
+        check_int("n_batches", n_batches, min_value=1)
+        batches = []
+        for i, batch in enumerate(loader(self.data.train, self.batch_size, shuffle=True, seed=self.seed)):
+            if i >= n_batches:
+                break
+            batches.append((batch[0], batch[1]))
+        return batches
+
+
+def mark(model: nn.Module, method: str, changes: str | Iterable[str], **info: Any) -> nn.Module:
+    """Attach ``model.compression = {method, changes, **info}``; return ``model``."""
+    changes = (changes,) if isinstance(changes, str) else tuple(changes)
+    for change in changes:
+        check_choice("changes", change, CHANGES)
+    history = list(getattr(model, "compression_history", []))
+    record = {"method": method, "changes": changes, **info}
+    history.append(record)
+    model.compression = record
+    model.compression_history = history
+    return model
+
+
+def compression_info(model: nn.Module) -> dict[str, Any]:
+    """What the methods applied to ``model`` changed (empty for an uncompressed model)."""
+    return {"last": getattr(model, "compression", None), "history": list(getattr(model, "compression_history", []))}
