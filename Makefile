@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PROFILE ?= default
 TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for the torch install, e.g. an --index-url of PyTorch's CPU-only wheels on a
+# machine without a local CPU wheel (otherwise pip may pick a multi-GB CUDA build).
+TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.survey_lib-installed
 export SURVEY_LIB_PROGRESS ?= 0
@@ -17,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Iterable
+
+MAX_SEED = 2**63 - 1
 
 
 def check_choice(param: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -15,17 +19,20 @@ def check_choice(param: str, value: Any, choices: Iterable[Any]) -> Any:
 
 
 def check_int(param: str, value: Any, *, min_value: int | None = None, max_value: int | None = None) -> int:
-    """Raise TypeError unless ``value`` is an int, ValueError unless it lies in [min_value, max_value]."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Raise TypeError unless ``value`` is an integer (NumPy ones too), ValueError unless in [min_value, max_value]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{param} must be an int, got {type(value).__name__} ({value!r})")
+    value = int(value)
     _check_range(param, value, min_value, max_value)
     return value
 
 
 def check_float(param: str, value: Any, *, min_value: float | None = None, max_value: float | None = None) -> float:
-    """Raise TypeError unless ``value`` is a real number, ValueError unless it lies in [min_value, max_value]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Raise TypeError unless ``value`` is a real number, ValueError unless finite and in [min_value, max_value]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{param} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{param} must be a finite number, got {value!r}")
     _check_range(param, value, min_value, max_value)
     return float(value)
 
@@ -35,3 +42,8 @@ def _check_range(param: str, value: float, lo: float | None, hi: float | None) -
         lo_s = "-inf" if lo is None else repr(lo)
         hi_s = "inf" if hi is None else repr(hi)
         raise ValueError(f"{param}={value!r} is out of range; accepted: {lo_s} <= {param} <= {hi_s}")
+
+
+def check_seed(seed: Any) -> int:
+    """Raise unless ``seed`` is an int in [0, 2**63 - 1] (what torch's generators accept)."""
+    return check_int("seed", seed, min_value=0, max_value=MAX_SEED)

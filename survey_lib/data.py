@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_choice, check_float, check_int, check_seed
 
 DATASETS = ("digits", "shapes", "cifar10")
 TASKS = ("classification", "regression", "detection", "segmentation")
@@ -66,6 +66,11 @@ class Splits:
     test: TensorDataset
     info: DatasetInfo
 
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            if len(getattr(self, split)) == 0:
+                raise ValueError(f"the {split} split of {self.info.name!r} is empty: raise n (or the split fractions)")
+
     def sizes(self) -> dict[str, int]:
         """Number of examples per split."""
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -96,7 +101,7 @@ def load(
     check_choice("name", name, DATASETS)
     check_choice("task", task, TASKS)
     check_choice(f"task (for dataset {name!r})", task, DATASET_TASKS[name])
-    check_int("seed", seed, min_value=0)
+    check_seed(seed)
     if n is not None:
         check_int("n", n, min_value=1)
     check_float("val_fraction", val_fraction, min_value=0.0, max_value=0.9)
@@ -120,7 +125,7 @@ def load(
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     """A deterministic DataLoader: no worker processes, shuffling driven by a generator seeded with ``seed``."""
     check_int("batch_size", batch_size, min_value=1)
-    check_int("seed", seed, min_value=0)
+    check_seed(seed)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
@@ -159,7 +164,7 @@ def make_shapes(
     ``box_labels`` (n,max_objects) int64, padding -1; ``masks`` (n,H,W) int64, 0 background, 1+class.
     """
     check_int("n", n, min_value=1)
-    check_int("seed", seed, min_value=0)
+    check_seed(seed)
     check_int("image_size", image_size, min_value=MIN_SHAPES_SIZE)
     check_int("max_objects", max_objects, min_value=1, max_value=6)
     check_float("noise", noise, min_value=0.0, max_value=1.0)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from ._validate import check_choice, check_int
+from ._validate import check_choice, check_int, check_seed
 
 PROFILES = ("default", "full")
 DEFAULT_THREADS = 2
@@ -21,7 +21,7 @@ def check_profile(profile: str) -> str:
 
 def seed_everything(seed: int, threads: int | None = DEFAULT_THREADS) -> None:
     """Seed Python, NumPy and torch, and fix torch's intra-op thread count for determinism."""
-    check_int("seed", seed, min_value=0)
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

@@ -123,6 +123,7 @@ def fit(
 
     ``schedule="cosine"`` decays the learning rate to 0 over the run (a :class:`CosineLR` callback).
     """
+    check_model_task_data(model, task, train_data)
     _check_fit_args(epochs, batch_size, lr, weight_decay, optimizer, max_steps)
     check_choice("schedule", schedule, SCHEDULES)
     seed_everything(seed)
@@ -155,6 +156,7 @@ def fit(
 
 def evaluate(model: nn.Module, task: Task, data: Dataset, *, batch_size: int = 256) -> dict[str, float]:
     """Task metrics of ``model`` on ``data`` in eval mode without gradients; the training flag is restored."""
+    check_model_task_data(model, task, data)
     check_int("batch_size", batch_size, min_value=1)
     was_training = model.training
     model.eval()
@@ -175,6 +177,16 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def check_model_task_data(model: Any, task: Any, data: Any) -> None:
+    """TypeError unless model is an nn.Module and task a Task; ValueError if data is empty."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a survey_lib.tasks.Task (see get_task), got {type(task).__name__}")
+    if len(data) == 0:
+        raise ValueError("data is empty: pass a dataset with at least one example")
 
 
 def _check_fit_args(epochs, batch_size, lr, weight_decay, optimizer, max_steps) -> None:

@@ -69,11 +69,18 @@ def test_make_shapes_is_deterministic_by_seed():
     assert not np.array_equal(a["images"], c["images"])
 
 
-def test_make_shapes_is_vectorised_and_fast():
+def test_make_shapes_is_vectorised():
+    # Relative, same-run timing: per scene, one call for 5000 scenes is well over 2x cheaper than
+    # one call per scene (measured ~7x here).
     make_shapes(100)
     start = time.perf_counter()
     make_shapes(5000, image_size=32)
-    assert time.perf_counter() - start < 2.0  # ~0.5 s on 2 idle cores; a Python loop per image takes ~10x
+    batched = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(500):
+        make_shapes(1, seed=i, image_size=32)
+    looped = time.perf_counter() - start
+    assert batched / 5000 < looped / 500 / 2, (batched, looped)
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": 4, "image_size": 8}, {"n": 4, "max_objects": 0},

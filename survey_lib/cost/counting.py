@@ -116,6 +116,8 @@ def check_example_input(example_input: Any) -> torch.Tensor:
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     if example_input.dim() == 0:
         raise ValueError("example_input must have a batch dimension (dim 0), got a 0-d tensor")
+    if example_input.shape[0] < 1:
+        raise ValueError(f"example_input must hold at least one example (batch >= 1), got shape {tuple(example_input.shape)}")
     return example_input
 
 
@@ -134,7 +136,7 @@ def run_forward(model: nn.Module, example_input: torch.Tensor) -> Any:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"example_input of shape {tuple(example_input.shape)} ({example_input.dtype}) "
-            f"does not fit model: {first}"
+            f"does not fit model: {first} (dim 0 is the batch: pass x.unsqueeze(0) for a single example)"
         ) from err
 
 
@@ -248,7 +250,8 @@ def _storage_names(model: nn.Module) -> dict[int, str]:
 def trace(model: nn.Module, example_input: torch.Tensor) -> OpTrace:
     """Run one inference (eval, no_grad) and record every aten op with its module and tensors."""
     check_model(model)
-    check_example_input(example_input)
+    # A copy with its own storage: a slice of a larger tensor would count the whole dataset as live.
+    example_input = check_example_input(example_input).detach().clone()
     param_storages = _storage_names(model)
     tracer = _Tracer(param_storages)
     modules = {module_name(n): type(m).__name__ for n, m in model.named_modules()}

@@ -54,6 +54,7 @@ class HardwareProfile:
     energy_pj_per_mac: dict[str, float] = field(default_factory=lambda: dict(ENERGY_PJ_PER_MAC))
     energy_pj_per_byte: dict[str, float] = field(default_factory=lambda: dict(ENERGY_PJ_PER_BYTE))
     kind: str = "estimated"  # "measured" for the host roofline, "estimated" for targets
+    default_level: str = "dram"  # where a model's tensors live by default (an MCU has no DRAM: "sram")
     sources: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -61,9 +62,15 @@ class HardwareProfile:
         """Peak MAC/s at ``precision``; ValueError if the hardware has no such precision."""
         return self.peak_macs_per_s[check_choice("precision", precision, self.peak_macs_per_s)]
 
-    def bandwidth(self, level: str) -> float:
-        """Bytes/s at memory ``level``; ValueError if the hardware has no such level."""
+    def bandwidth(self, level: str | None = None) -> float:
+        """Bytes/s at memory ``level`` (default: ``default_level``); ValueError if there is no such level."""
+        level = self.default_level if level is None else level
         return self.bandwidth_bytes_per_s[check_choice("level", level, self.bandwidth_bytes_per_s)]
+
+    def energy_per_byte(self, level: str | None = None) -> float:
+        """pJ per byte moved at memory ``level`` (default: ``default_level``)."""
+        level = self.default_level if level is None else level
+        return self.energy_pj_per_byte[check_choice("level", level, self.energy_pj_per_byte)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready)."""
@@ -104,6 +111,7 @@ MCU_CORTEX_M7 = HardwareProfile(
     description="STM32H7-class Cortex-M7 MCU at 480 MHz, CMSIS-NN int8, on-chip SRAM + flash (estimated)",
     peak_macs_per_s={"fp32": 1 * _M7_HZ, "fp16": 1 * _M7_HZ, "int8": 2 * _M7_HZ},
     bandwidth_bytes_per_s={"sram": 8 * _M7_HZ, "flash": 1.0e9, "dram": 0.4e9},
+    default_level="sram",
     sources=[
         "STMicroelectronics STM32H742xI/743xI datasheet DS12110 (480 MHz Cortex-M7, TCM, AXI SRAM, flash, FMC)",
         "Arm Cortex-M7 Technical Reference Manual (FPv5, DSP SMLAD)",
@@ -120,6 +128,7 @@ ETHOS_U55 = HardwareProfile(
     description="Arm Ethos-U55-class micro-NPU, 256 int8 MACs/cycle at 500 MHz, int8 only (estimated)",
     peak_macs_per_s={"int8": 256 * 500e6},
     bandwidth_bytes_per_s={"sram": 8 * 500e6, "dram": 1.0e9},
+    default_level="sram",
     sources=[
         "Arm Ethos-U55 product page and Technical Reference Manual: 32-256 MACs/cycle, int8/int16, 0.5 TOPS class",
         HOROWITZ,
@@ -150,14 +159,19 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure_gemm_macs_per_s(threads: int, n: int = 1024, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 torch.mm MAC/s on n x n matrices at ``threads`` threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+GEMM_SIZES = (512, 1024, 2048)
+
+
+def measure_gemm_macs_per_s(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, repeats: int = 3) -> float:
+    """Best fp32 torch.mm MAC/s over square sizes (best of ``repeats`` each) at ``threads`` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return n**3 / _best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+        rates = []
+        for n in sizes:
+            a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+            rates.append(n**3 / _best_seconds(lambda: torch.mm(a, b, out=out), repeats))
+        return max(rates)
     finally:
         torch.set_num_threads(before)
 
@@ -191,7 +205,7 @@ def _host_from(data: dict[str, Any]) -> HardwareProfile:
         peak_macs_per_s={"fp32": gemm[1]},
         bandwidth_bytes_per_s={"dram": float(data["copy_bytes_per_s"])},
         kind="measured",
-        sources=["micro-benchmark: best of 5 torch.mm 1024x1024 fp32; 64 MB tensor copy (read + write)", HOROWITZ + " (energy, estimated)"],
+        sources=["micro-benchmark: best torch.mm fp32 over 512/1024/2048 square sizes; 64 MB tensor copy (read + write)", HOROWITZ + " (energy, estimated)"],
         extra={f"fp32_macs_per_s_{t}threads": v for t, v in gemm.items()} | {"measurement_s": data.get("seconds")},
     )
 
@@ -234,25 +248,26 @@ def get_hardware(name: str | HardwareProfile) -> HardwareProfile:
 # --- estimates ------------------------------------------------------------------------------------
 
 
-def estimate_latency(macs: float, bytes: float, hardware: str | HardwareProfile, precision: str = "fp32", level: str = "dram") -> float:
-    """Roofline seconds: max(MACs / peak MAC/s at precision, bytes / bandwidth at level) (estimated)."""
+def estimate_latency(macs: float, bytes: float, hardware: str | HardwareProfile, precision: str = "fp32", level: str | None = None) -> float:
+    """Roofline seconds: max(MACs / peak MAC/s at precision, bytes / bandwidth at level) (estimated).
+
+    ``level=None`` uses the hardware's ``default_level`` (DRAM for CPUs, SRAM for the MCU and the NPU)."""
     hw = get_hardware(hardware)
     check_float("macs", macs, min_value=0)
     check_float("bytes", bytes, min_value=0)
     return max(macs / hw.peak(precision), bytes / hw.bandwidth(level))
 
 
-def estimate_energy(macs: float, bytes: float, hardware: str | HardwareProfile, precision: str = "fp32", level: str = "dram") -> float:
-    """Joules: MACs x pJ per MAC at precision + bytes x pJ per byte at level (estimated)."""
+def estimate_energy(macs: float, bytes: float, hardware: str | HardwareProfile, precision: str = "fp32", level: str | None = None) -> float:
+    """Joules: MACs x pJ per MAC at precision + bytes x pJ per byte at level (default: the hardware's)."""
     hw = get_hardware(hardware)
     check_float("macs", macs, min_value=0)
     check_float("bytes", bytes, min_value=0)
     pj_mac = hw.energy_pj_per_mac[check_choice("precision", precision, hw.energy_pj_per_mac)]
-    pj_byte = hw.energy_pj_per_byte[check_choice("level", level, hw.energy_pj_per_byte)]
-    return (macs * pj_mac + bytes * pj_byte) * 1e-12
+    return (macs * pj_mac + bytes * hw.energy_per_byte(level)) * 1e-12
 
 
-def roofline_points(report: Any, hardware: str | HardwareProfile, precision: str = "fp32", level: str = "dram") -> pd.DataFrame:
+def roofline_points(report: Any, hardware: str | HardwareProfile, precision: str = "fp32", level: str | None = None) -> pd.DataFrame:
     """Per layer: MACs, bytes, arithmetic intensity (MACs/byte), attainable MAC/s and estimated seconds."""
     hw = get_hardware(hardware)
     layers = report.layers if hasattr(report, "layers") else report
@@ -264,7 +279,7 @@ def roofline_points(report: Any, hardware: str | HardwareProfile, precision: str
     df["attainable_macs_per_s"] = (df["intensity_macs_per_byte"] * bw).clip(upper=peak)
     df["est_latency_s"] = [max(m / peak, b / bw) for m, b in zip(df["macs"], df["traffic_bytes"])]
     df["bound"] = ["compute" if m / peak >= b / bw else "memory" for m, b in zip(df["macs"], df["traffic_bytes"])]
-    df.attrs.update(hardware=hw.name, precision=precision, level=level, peak_macs_per_s=peak, bandwidth_bytes_per_s=bw, kind="estimated")
+    df.attrs.update(hardware=hw.name, precision=precision, level=level or hw.default_level, peak_macs_per_s=peak, bandwidth_bytes_per_s=bw, kind="estimated")
     return df
 
 

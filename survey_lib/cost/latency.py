@@ -152,6 +152,8 @@ def ort_session(path: str | Path, threads: int = 1) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Idle ORT threads would otherwise spin and steal the core from an interleaved neighbour.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -295,6 +297,9 @@ def latency_grid(
     warmup: int = 10,
 ) -> pd.DataFrame:
     """One measured row per (runtime, batch, threads): median, quartiles, IQR and per-item ms."""
+    for param, values in (("batches", batches), ("threads", threads), ("runtimes", runtimes)):
+        if len(values) == 0:
+            raise ValueError(f"{param} must name at least one value, got an empty sequence")
     for r in runtimes:
         check_choice("runtimes", r, RUNTIMES)
     rows = []

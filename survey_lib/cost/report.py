@@ -138,10 +138,10 @@ def precision_of(weight_bits: Any, act_bits: Any) -> str:
     return "int8" if 0 < b <= 8 else "fp16" if 0 < b <= 16 else "fp32"
 
 
-def layer_estimates(layers: pd.DataFrame, hw: HardwareProfile, level: str = "dram") -> tuple[list[float], list[float]]:
+def layer_estimates(layers: pd.DataFrame, hw: HardwareProfile, level: str | None = None) -> tuple[list[float], list[float]]:
     """Per-layer roofline seconds and joules on ``hw`` (NaN where hw lacks the layer's precision)."""
     bw = hw.bandwidth(level)
-    pj_byte = hw.energy_pj_per_byte[level]
+    pj_byte = hw.energy_per_byte(level)
     secs, joules = [], []
     for macs, nbytes, wb, ab in zip(layers["macs"], layers["traffic_bytes"], layers["weight_bits"], layers["act_bits"]):
         prec = precision_of(None if pd.isna(wb) else wb, None if pd.isna(ab) else ab)
@@ -177,9 +177,11 @@ def profile(
     storage_format: str | None = None,
     latency: bool = False,
     latency_kwargs: dict[str, Any] | None = None,
-    level: str = "dram",
+    level: str | None = None,
 ) -> CostReport:
-    """Counted (batch 1), measured and estimated cost of ``model`` on ``example_input``'s shape."""
+    """Counted (batch 1), measured and estimated cost of ``model`` on ``example_input``'s shape.
+
+    Estimates use memory ``level`` for every hardware, or each hardware's ``default_level`` when None."""
     check_model(model)
     check_example_input(example_input)
     hws = _hardware_list(hardware)
@@ -219,10 +221,11 @@ def profile(
     for hw in hws:
         secs, joules = layer_estimates(layers, hw, level)
         src = "measured roofline" if hw.kind == "measured" else "estimated roofline"
+        lvl = level or hw.default_level
         metrics.append(Metric(f"est_latency_s[{hw.name}]", float(sum(secs)), "s", "estimated",
-                              f"sum over layers of max(MACs/peak, bytes/{level} bandwidth), {src}, batch 1"))
+                              f"sum over layers of max(MACs/peak, bytes/{lvl} bandwidth), {src}, batch 1"))
         metrics.append(Metric(f"est_energy_j[{hw.name}]", float(sum(joules)), "J", "estimated",
-                              f"MACs x pJ/MAC + bytes x pJ/byte ({level}), Horowitz 45 nm table, batch 1"))
+                              f"MACs x pJ/MAC + bytes x pJ/byte ({lvl}), Horowitz 45 nm table, batch 1"))
     grid = None
     if latency:
         kw = dict(latency_kwargs or {})

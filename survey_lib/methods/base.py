@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_choice, check_float, check_int, check_seed
 from ..data import Splits
 from ..tasks import Task
 from ..train import Callback, ExtraLoss, History, evaluate, fit
@@ -45,7 +45,7 @@ class Context:
         check_int("budget", self.budget, min_value=0)
         check_float("lr", self.lr, min_value=0.0)
         check_int("batch_size", self.batch_size, min_value=1)
-        check_int("seed", self.seed, min_value=0)
+        check_seed(self.seed)
 
     @classmethod
     def from_baseline(cls, base: Any, **overrides: Any) -> "Context":
@@ -63,6 +63,8 @@ class Context:
     ) -> History:
         """Fine-tune ``model`` in place on the training split for ``epochs`` (default: the budget)."""
         epochs = self.budget if epochs is None else check_int("epochs", epochs, min_value=0)
+        if epochs == 0:
+            return History()
         return fit(model, self.task, self.data.train, epochs=epochs, batch_size=self.batch_size,
                    lr=self.lr if lr is None else lr, seed=self.seed, callbacks=tuple(callbacks),
                    extra_loss=extra_loss)
