@@ -92,3 +92,13 @@ def test_host_measured_cached_atomically_and_reused(tmp_path, monkeypatch):
     assert calls == [1] and again.peak_macs_per_s == hw.peak_macs_per_s
     host_profile(cache=False)
     assert calls == [1, 1]
+
+
+def test_default_memory_level_per_target():
+    from survey_lib.cost import estimate_energy, estimate_latency, get_hardware
+
+    mcu, phone = get_hardware("mcu_cortex_m7"), get_hardware("mobile_big_core")
+    assert mcu.default_level == "sram" and phone.default_level == "dram"
+    # Same work, same energy table: on-chip SRAM (the MCU's default) costs far less than DRAM.
+    assert estimate_energy(1e6, 1e6, mcu) < estimate_energy(1e6, 1e6, mcu, level="dram") / 10
+    assert estimate_latency(0, 8e6, mcu) == pytest.approx(8e6 / mcu.bandwidth_bytes_per_s["sram"])

@@ -190,7 +190,8 @@ def profile(
         tr = trace(model, x1)
     except ValueError as err:
         cause = str(err.__cause__ or err).strip().splitlines()[0]
-        raise ValueError(f"example_input of shape {tuple(example_input.shape)} does not fit model (traced at batch 1): {cause}") from err
+        raise ValueError(f"example_input of shape {tuple(example_input.shape)} does not fit model (traced at batch 1): {cause} "
+                         "(dim 0 is the batch: pass x.unsqueeze(0) for a single example)") from err
     layers = count_trace(model, tr, bits).merge(traffic_trace(model, tr, bits), on="name", how="left")
     for c in ("weight_read_bytes", "act_read_bytes", "act_write_bytes", "traffic_bytes"):
         layers[c] = layers[c].fillna(0).astype("int64")
