@@ -47,3 +47,22 @@ def _check_range(param: str, value: float, lo: float | None, hi: float | None) -
 def check_seed(seed: Any) -> int:
     """Raise unless ``seed`` is an int in [0, 2**63 - 1] (what torch's generators accept)."""
     return check_int("seed", seed, min_value=0, max_value=MAX_SEED)
+
+
+def check_type(param: str, value: Any, types: type | tuple[type, ...], expected: str) -> Any:
+    """Raise TypeError naming ``param`` and ``expected`` unless ``value`` is an instance of ``types``."""
+    if not isinstance(value, types):
+        raise TypeError(f"{param} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def check_fraction(param: str, value: Any, *, meaning: str = "", allow_zero: bool = True) -> float:
+    """A number in [0, 1) (or (0, 1) without ``allow_zero``); TypeError or ValueError naming ``param``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{param} must be a number in the range [0, 1), got {type(value).__name__} ({value!r})")
+    v = float(value)
+    low_ok = v >= 0.0 if allow_zero else v > 0.0
+    if not (math.isfinite(v) and low_ok and v < 1.0):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"{param}={value!r} is out of range; accepted range: {interval}{meaning}")
+    return v

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ._validate import check_choice, check_int, check_seed
+from ._validate import check_choice, check_seed
 from .data import DATASET_TASKS, DATASETS, Splits, load
 from .models import ARCH_TASKS, ARCHS, build_model
 from .profiles import check_profile

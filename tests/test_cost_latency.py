@@ -89,3 +89,13 @@ def test_bad_input():
         measure_latency(small(), np.zeros((1, 3, 8, 8)))
     with pytest.raises(ValueError, match="runtimes"):
         latency_grid(small(), X, runtimes=("eager", "trt"))
+
+
+def test_one_onnx_export_serves_every_batch_size():
+    from survey_lib.cost.latency import _EXPORTS, cached_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    first = cached_onnx(model, torch.randn(1, 3, 8, 8))
+    assert cached_onnx(model, torch.randn(5, 3, 8, 8)) == first
+    (key, entry), = _EXPORTS[model].items()
+    assert key[0] is None and entry.checked_batches == {1, 5}  # symbolic batch, checked at both sizes

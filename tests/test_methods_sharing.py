@@ -104,7 +104,8 @@ def test_kmeans_share_structure_and_input_untouched():
     assert isinstance(out[0], SharedConv2d) and isinstance(out[6], SharedLinear) and type(out[3]) is nn.Conv2d
     for i in (0, 6):
         layer = out[i]
-        assert torch.equal(layer.weight, layer.codebook[layer.indices])
+        codebook, indices, _ = share_weight(net[i].weight, layer.bits)  # shared from the original weight
+        assert torch.equal(layer.weight, codebook[indices])
         assert torch.equal(layer.weight == 0, net[i].weight == 0)
         assert layer.codebook.numel() <= 2 ** layer.bits and layer.weight_bits == layer.bits
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -190,7 +191,8 @@ def test_formats_registered_and_storage_format_used():
     shared = kmeans_share(pruned, bits=4, finetune=False)
     coded = huffman_coding(shared)
     assert stored_bytes(coded).fmt == "deep_compression" and stored_bytes(shared).fmt == "shared"
-    assert not hasattr(shared, "compression") or compression_info(coded)["last"]["method"] == "huffman_coding"
+    assert compression_info(coded)["last"]["method"] == "huffman_coding"
+    assert compression_info(shared)["last"]["method"] == "kmeans_share"
 
 
 def test_deep_compression_stages_shrink(ctx):
@@ -204,3 +206,12 @@ def test_deep_compression_stages_shrink(ctx):
     assert df["compression_ratio"].iloc[0] == 1.0 and (df["kind"] == "measured").all()
     assert df["compression_ratio"].iloc[-1] == pytest.approx(b[0] / b[3])
     assert stored_bytes(pruned).bytes == b[0]  # the dense stage is the plain dense file
+
+
+def test_storage_helpers_check_their_input():
+    from survey_lib.methods.sharing import huffman_coding, sparse_storage
+
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sparse_storage("model")
+    with pytest.raises(ValueError, match="run kmeans_share first"):
+        huffman_coding(torch.nn.Linear(4, 4))

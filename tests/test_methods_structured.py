@@ -387,3 +387,15 @@ def test_pruned_model_exports_to_onnx(tmp_path):
     x = x_input(1)
     path = export_onnx(pruned, x, tmp_path / "pruned.onnx")
     check_ort_matches(pruned, ort_session(path), x)
+
+
+def test_ignore_names_and_context_are_checked():
+    prune = l1_filter_prune
+    model = build_model("vgg", get_task("classification", num_classes=3), in_channels=3, width=0.25, image_size=16)
+    as_string = prune(model, None, ratio=0.5, finetune=False, ignore="backbone")
+    as_tuple = prune(model, None, ratio=0.5, finetune=False, ignore=("backbone",))
+    assert sum(p.numel() for p in as_string.parameters()) == sum(p.numel() for p in as_tuple.parameters())
+    with pytest.raises(ValueError, match="ignore='nonexistent' matches no module"):
+        prune(model, None, ratio=0.5, finetune=False, ignore=("nonexistent",))
+    with pytest.raises(TypeError, match="ctx must be a survey_lib.methods.Context"):
+        prune(model, "ctx", ratio=0.5)

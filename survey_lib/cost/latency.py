@@ -123,18 +123,23 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """Export ``model`` (eval) at example_input's shape to ONNX with the dynamo exporter; return the path."""
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, dynamic_batch: bool = False) -> Path:
+    """Export ``model`` (eval) to ONNX with the dynamo exporter; return the path.
+
+    The graph is fixed to example_input's shape, or has a symbolic batch dimension with ``dynamic_batch``
+    (traced at batch 2, since torch.export specializes a batch of 1)."""
     check_model(model)
     check_example_input(example_input)
     path = Path(path)
+    x = batch_input(example_input, max(2, example_input.shape[0])) if dynamic_batch else example_input
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     with eval_mode(model), torch.no_grad():
         run_forward(model, example_input)  # a clear ValueError for an input that does not fit
 
         def write(tmp: Path) -> None:
             with _quiet():
-                prog = torch.onnx.export(model, (example_input,), dynamo=True, verbose=False, external_data=False,
-                                         input_names=["input"], report=False)
+                prog = torch.onnx.export(model, (x,), dynamo=True, verbose=False, external_data=False,
+                                         input_names=["input"], report=False, dynamic_shapes=dynamic)
                 prog.save(str(tmp), external_data=False)
 
         atomic_write(path, write)
@@ -176,28 +181,46 @@ def check_ort_matches(model: nn.Module, session: Any, x: torch.Tensor, rtol: flo
 
 
 _CACHE_DIR: Path | None = None
-_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Path]]" = weakref.WeakKeyDictionary()
+_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Export]]" = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(model: nn.Module, x: torch.Tensor) -> tuple:
+def _fingerprint(model: nn.Module, x: torch.Tensor, batch: int | None) -> tuple:
     # in-place weight edits bump tensor._version, so a changed model is re-exported
     state = tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values() if t is not None)
-    return (tuple(x.shape), str(x.dtype), state)
+    return (batch, tuple(x.shape[1:]), str(x.dtype), state)
+
+
+@dataclass
+class _Export:
+    path: Path
+    checked_batches: set[int] = field(default_factory=set)
 
 
 def cached_onnx(model: nn.Module, x: torch.Tensor) -> Path:
-    """ONNX file of ``model`` at ``x``'s shape, exported (and checked against torch) once per model state."""
+    """ONNX file of ``model`` for ``x``'s shape, exported once per model state and checked per batch size.
+
+    One export with a symbolic batch serves every batch size; a model that cannot be exported that way
+    is exported once per batch size."""
     global _CACHE_DIR
-    key = _fingerprint(model, x)
     per_model = _EXPORTS.setdefault(model, {})
-    if key in per_model and per_model[key].exists():
-        return per_model[key]
+    for key in (_fingerprint(model, x, None), _fingerprint(model, x, x.shape[0])):
+        entry = per_model.get(key)
+        if entry is not None and entry.path.exists():
+            if x.shape[0] not in entry.checked_batches:
+                check_ort_matches(model, ort_session(entry.path, 1), x)
+                entry.checked_batches.add(x.shape[0])
+            return entry.path
     if _CACHE_DIR is None:
         _CACHE_DIR = Path(tempfile.mkdtemp(prefix="survey_lib_onnx_"))
         atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-    path = export_onnx(model, x, _CACHE_DIR / f"m{id(model)}_{len(per_model)}_b{x.shape[0]}.onnx")
-    check_ort_matches(model, ort_session(path, 1), x)
-    per_model[key] = path
+    target = _CACHE_DIR / f"m{id(model)}_{len(per_model)}.onnx"
+    try:
+        path, key = export_onnx(model, x, target, dynamic_batch=True), _fingerprint(model, x, None)
+        check_ort_matches(model, ort_session(path, 1), x)
+    except Exception:  # a graph that fixes its batch size: fall back to one export per batch size
+        path, key = export_onnx(model, x, target), _fingerprint(model, x, x.shape[0])
+        check_ort_matches(model, ort_session(path, 1), x)
+    per_model[key] = _Export(path, {x.shape[0]})
     return path
 
 

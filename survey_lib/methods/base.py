@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_int, check_seed
+from .._validate import check_choice, check_float, check_int, check_seed, check_type
 from ..data import Splits
 from ..tasks import Task
 from ..train import Callback, ExtraLoss, History, evaluate, fit
@@ -95,6 +95,18 @@ class Context:
                 break
             batches.append((batch[0], batch[1]))
         return batches
+
+
+def check_model(model: Any) -> nn.Module:
+    """TypeError unless ``model`` is a torch.nn.Module."""
+    return check_type("model", model, nn.Module, "a torch.nn.Module")
+
+
+def check_ctx(ctx: Any, *, optional: bool = False) -> Context | None:
+    """TypeError unless ``ctx`` is a Context (or None when ``optional``)."""
+    if optional and ctx is None:
+        return None
+    return check_type("ctx", ctx, Context, "a survey_lib.methods.Context" + (" or None" if optional else ""))
 
 
 def mark(model: nn.Module, method: str, changes: str | Iterable[str], **info: Any) -> nn.Module:

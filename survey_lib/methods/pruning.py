@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_choice, check_float, check_fraction, check_int
 from ..train import Callback, TrainState
 from .base import Context, mark
 
@@ -58,14 +58,7 @@ PRUNABLE = (nn.Conv2d, nn.Linear)
 # ----------------------------------------------------------------------------------------------------------
 def check_sparsity(sparsity: object, param: str = "sparsity") -> float:
     """Return ``sparsity`` as a float in [0, 1); TypeError for a non-number, ValueError otherwise."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"{param} must be a number in the range [0, 1), got {type(sparsity).__name__} "
-                        f"({sparsity!r})")
-    value = float(sparsity)
-    if math.isnan(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{param}={sparsity!r} is out of range; accepted range: [0, 1) "
-                         f"(the fraction of zero weights, 0.9 = 90% zeros)")
-    return value
+    return check_fraction(param, sparsity, meaning=" (the fraction of zero weights, 0.9 = 90% zeros)")
 
 
 def _check_exclude(exclude: str | Iterable[str]) -> tuple[str, ...]:
@@ -551,7 +544,7 @@ def obd_prune(
     ctx: Context,
     *,
     sparsity: float,
-    scope: str = "global",
+    scope: str = "layer",
     finetune: bool = True,
     exclude: str | Iterable[str] = (),
     n_batches: int = 4,

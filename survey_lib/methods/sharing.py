@@ -38,7 +38,7 @@ from torch import nn
 from .._validate import check_int
 from ..cost.storage import model_tensors, register_format, stored_bytes
 from ..train import Callback, TrainState
-from .base import Context, mark
+from .base import Context, check_ctx, check_model, mark
 from .coding import (
     best_index_bits,
     coded_bits,
@@ -268,8 +268,8 @@ def kmeans_share(
     codebooks (and the remaining float parameters) are fine-tuned for ``ctx.budget`` epochs; pruned
     layers that are not shared keep their zeros. Returns a new model (storage format "shared").
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
+    check_ctx(ctx, optional=True)
     if finetune and ctx is None:
         raise ValueError("finetune=True needs a Context (ctx); pass finetune=False to share without training")
     result = copy.deepcopy(model)
@@ -296,7 +296,7 @@ def kmeans_share(
 
 def sparse_storage(model: nn.Module, ctx: Context | None = None) -> nn.Module:
     """A copy of a pruned ``model`` that is stored in the "sparse" format (relative-index CSR)."""
-    result = copy.deepcopy(model)
+    result = copy.deepcopy(check_model(model))
     mark(result, "sparse_storage", "sparse_format")
     result.storage_format = "sparse"
     return result
@@ -304,6 +304,8 @@ def sparse_storage(model: nn.Module, ctx: Context | None = None) -> nn.Module:
 
 def huffman_coding(model: nn.Module, ctx: Context | None = None) -> nn.Module:
     """A copy of ``model`` stored in the "deep_compression" format (shared codes and gaps Huffman coded)."""
+    if not _shared_prefixes(check_model(model)):
+        raise ValueError("huffman_coding codes the indices of shared layers: run kmeans_share first")
     result = copy.deepcopy(model)
     mark(result, "huffman_coding", "low_bit_storage")
     result.storage_format = "deep_compression"

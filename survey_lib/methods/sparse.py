@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_float, check_int
+from .._validate import check_fraction, check_int
 from ..cost.latency import MIN_RUNS, compare_latency
 from .base import Context, mark
 
@@ -132,9 +132,8 @@ class SparseConv2d(_SparseBase):
             x = x.unsqueeze(0)
         n, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        length = cols.shape[-1]  # (N, C*kh*kw, L): one CSR matmul per item (no transpose copy)
         csr = self.csr()
-        y = torch.stack([csr @ cols[i] for i in range(n)])  # (N, O, L)
+        y = torch.stack([csr @ cols[i] for i in range(n)])  # (N, O, L): one CSR matmul per item, no transpose copy
         if self.bias is not None:
             y = y + self.bias[None, :, None]
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
@@ -203,11 +202,7 @@ def sparsify(model: nn.Module, ctx: Context | None = None, *, min_sparsity: floa
 
 def check_sparsity(value: Any, name: str = "sparsity", *, allow_zero: bool = True) -> float:
     """A sparsity in [0, 1) (or (0, 1)); NaN, negatives and values >= 1 raise ValueError."""
-    v = check_float(name, value)
-    if math.isnan(v) or v < 0 or v >= 1 or (not allow_zero and v == 0):
-        lo = "0 <=" if allow_zero else "0 <"
-        raise ValueError(f"{name}={value!r} is not a valid sparsity; accepted: {lo} {name} < 1 (fraction of zeros)")
-    return v
+    return check_fraction(name, value, meaning=" (the fraction of zeros)", allow_zero=allow_zero)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .._validate import check_float, check_int
+from .._validate import check_float, check_fraction, check_int
 from ..train import CosineLR, ExtraLoss
-from .base import Context, mark
+from .base import Context, check_ctx, check_model, mark
 
 __all__ = [
     "Group", "channel_groups", "l1_importance", "bn_scale_importance", "prune_channels", "keep_plan",
@@ -455,11 +455,7 @@ def prune_channels(model: nn.Module, plan: Mapping[int, Any]) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------
 def check_ratio(ratio: Any) -> float:
     """``ratio`` as a float in [0, 1); ValueError naming ``ratio`` otherwise (NaN included)."""
-    ratio = check_float("ratio", ratio)
-    if not 0.0 <= ratio < 1.0:  # NaN fails this too
-        raise ValueError(f"ratio={ratio!r} is out of range; accepted: 0 <= ratio < 1 "
-                         f"(the fraction of channels removed)")
-    return ratio
+    return check_fraction("ratio", ratio, meaning=" (the fraction of channels removed)")
 
 
 def _min_keep(size: int, min_channels: int) -> int:
@@ -522,8 +518,14 @@ def keep_plan(groups: Sequence[Group], scores: Mapping[int, Tensor], ratio: floa
     return plan
 
 
-def _eligible(model: nn.Module, prune_residual: bool, ignore: Iterable[str]) -> list[Group]:
-    ignore = tuple(ignore)
+def _eligible(model: nn.Module, prune_residual: bool, ignore: str | Iterable[str]) -> list[Group]:
+    check_model(model)
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    names = [n for n, _ in model.named_modules() if n]
+    for pre in ignore:
+        if not any(n == pre or n.startswith(pre + ".") for n in names):
+            raise ValueError(f"ignore={pre!r} matches no module of the model; module names start with: "
+                             f"{', '.join(sorted({n.split('.')[0] for n in names}))}")
     groups = channel_groups(model)
     out = []
     for g in groups:
@@ -565,6 +567,7 @@ def _params(model: nn.Module) -> int:
 def _finish(pruned: nn.Module, model: nn.Module, ctx: Context | None, finetune: bool, method: str,
             plan: dict[int, Tensor], groups: list[Group], **info: Any) -> nn.Module:
     epochs = 0
+    check_ctx(ctx, optional=True)
     if finetune:
         if ctx is None:
             raise ValueError(f"{method}: finetune=True needs a Context (ctx); pass finetune=False to skip it")
