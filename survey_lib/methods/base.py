@@ -109,6 +109,12 @@ def check_ctx(ctx: Any, *, optional: bool = False) -> Context | None:
     return check_type("ctx", ctx, Context, "a survey_lib.methods.Context" + (" or None" if optional else ""))
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule called ``name`` (dotted path) inside ``root``."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
 def mark(model: nn.Module, method: str, changes: str | Iterable[str], **info: Any) -> nn.Module:
     """Attach ``model.compression = {method, changes, **info}``; return ``model``."""
     changes = (changes,) if isinstance(changes, str) else tuple(changes)

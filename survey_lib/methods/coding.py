@@ -444,7 +444,7 @@ def best_index_bits(positions: np.ndarray, value_bits: float, candidates: Iterab
 
 def decode_sparse(sparse: SparseTensor) -> torch.Tensor:
     """The exact dense tensor of an :func:`encode_sparse` result."""
-    flat = np.zeros(sparse.numel, dtype=sparse.values.dtype if sparse.values.size else _np_dtype(sparse.dtype))
+    flat = np.zeros(sparse.numel, dtype=sparse.values.dtype if sparse.values.size else numpy_dtype(sparse.dtype))
     if sparse.layout == "bitmask":
         flat[np.asarray(sparse.index, dtype=bool)] = sparse.values
     else:
@@ -455,7 +455,8 @@ def decode_sparse(sparse: SparseTensor) -> torch.Tensor:
     return torch.from_numpy(flat.copy()).to(sparse.dtype).reshape(sparse.shape)
 
 
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype matching a torch dtype."""
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from .._validate import check_int
 from ..cost.storage import model_tensors, register_format, stored_bytes
 from ..train import Callback, TrainState
-from .base import Context, check_ctx, check_model, mark
+from .base import Context, check_ctx, check_model, mark, replace_module
 from .coding import (
     best_index_bits,
     coded_bits,
@@ -54,6 +54,7 @@ from .coding import (
     table_to_bytes,
     unpack_bits,
     SparseTensor,
+    numpy_dtype,
 )
 
 MAX_BITS = 16
@@ -235,12 +236,6 @@ def _resolve_bits(model: nn.Module, bits: int | Mapping[str, int]) -> dict[str, 
     return {n: bits for n in layers}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 class KeepZeros(Callback):
     """Re-zero given weights after every optimizer step (pruned layers that are not shared)."""
 
@@ -280,7 +275,7 @@ def kmeans_share(
         codebook, indices, zero_code = share_weight(layer.weight, b)
         shared = make_shared(layer, codebook, indices, b, zero_code)
         shared.train(layer.training)
-        _set_module(result, name, shared)
+        replace_module(result, name, shared)
     keep = {n + ".weight": (m.weight, (m.weight != 0).to(m.weight.dtype)) for n, m in layers.items()
             if n not in per_layer and bool((m.weight == 0).any())}
     if finetune and ctx.budget > 0:
@@ -321,10 +316,6 @@ def _shared_prefixes(model: nn.Module) -> dict[str, _Shared]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _Shared)}
 
 
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
-
-
 def _encode_generic(t: torch.Tensor) -> tuple[dict[str, Any], list[bytes]]:
     """A tensor as raw bytes or relative-index sparse, whichever is smaller."""
     raw = t.detach().cpu().contiguous()
@@ -345,7 +336,7 @@ def _decode_generic(entry: dict[str, Any], streams: list[bytes]) -> torch.Tensor
         t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         return t.view(dtype).reshape(shape).clone()
     gaps = unpack_bits(streams[0], entry["b"], entry["m"])
-    values = np.frombuffer(streams[1], dtype=_np_dtype(dtype)).copy()
+    values = np.frombuffer(streams[1], dtype=numpy_dtype(dtype)).copy()
     return decode_sparse(SparseTensor(shape, dtype, "relative", values, gaps, entry["b"]))
 
 
@@ -533,7 +524,7 @@ def load_stored(path: str | os.PathLike, template: nn.Module) -> nn.Module:
         layer = model.get_submodule(name)
         new = make_shared(layer, tensors[f"{name}.codebook"], tensors[f"{name}.indices"], info["bits"], info["zero_code"])
         new.train(layer.training)
-        _set_module(model, name, new)
+        replace_module(model, name, new)
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)
     model.storage_format = fmt

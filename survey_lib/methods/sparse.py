@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .._validate import check_fraction, check_int
 from ..cost.latency import MIN_RUNS, compare_latency
-from .base import Context, mark
+from .base import Context, mark, replace_module
 
 # ----------------------------------------------------------------------------------------------------------
 # Sparse layers
@@ -193,8 +193,7 @@ def sparsify(model: nn.Module, ctx: Context | None = None, *, min_sparsity: floa
             skipped[name] = unsupported_conv(m)
             continue
         new = SparseLinear(m) if isinstance(m, nn.Linear) else SparseConv2d(m)
-        parent_name, _, child = name.rpartition(".")
-        setattr(result.get_submodule(parent_name) if parent_name else result, child, new)
+        replace_module(result, name, new)
         converted.append(name)
     result.eval()
     return mark(result, "sparsify", "sparse_format", layers=converted, skipped=skipped, min_sparsity=min_sparsity)

@@ -42,7 +42,7 @@ from torch import Tensor, fx, nn
 
 from .._validate import check_float, check_fraction, check_int
 from ..train import CosineLR, ExtraLoss
-from .base import Context, check_ctx, check_model, mark
+from .base import Context, check_ctx, check_model, mark, replace_module
 
 __all__ = [
     "Group", "channel_groups", "l1_importance", "bn_scale_importance", "prune_channels", "keep_plan",
@@ -331,6 +331,16 @@ def _index(idx: Tensor, device: torch.device) -> Tensor:
     return idx.to(device=device, dtype=torch.long)
 
 
+def _filled(new: nn.Module, weight: Tensor, bias: Tensor | None, out_idx: Tensor | None) -> nn.Module:
+    """Copy the sliced ``weight`` and the kept entries of ``bias`` into the fresh layer ``new``."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            b = bias.detach()
+            new.bias.copy_(b if out_idx is None else b[_index(out_idx, b.device)])
+    return new
+
+
 def _sliced_conv(m: nn.Conv2d, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Conv2d:
     w = m.weight.detach()
     depthwise = m.groups > 1
@@ -345,12 +355,7 @@ def _sliced_conv(m: nn.Conv2d, out_idx: Tensor | None, in_idx: Tensor | None) ->
     new = nn.Conv2d(cin, cout, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
                     groups=cout if depthwise else 1, bias=m.bias is not None, padding_mode=m.padding_mode,
                     device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            b = m.bias.detach()
-            new.bias.copy_(b if out_idx is None else b[_index(out_idx, b.device)])
-    return new
+    return _filled(new, w, m.bias, out_idx)
 
 
 def _sliced_linear(m: nn.Linear, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Linear:
@@ -360,12 +365,7 @@ def _sliced_linear(m: nn.Linear, out_idx: Tensor | None, in_idx: Tensor | None) 
     if in_idx is not None:
         w = w[:, _index(in_idx, w.device)]
     new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            b = m.bias.detach()
-            new.bias.copy_(b if out_idx is None else b[_index(out_idx, b.device)])
-    return new
+    return _filled(new, w, m.bias, out_idx)
 
 
 def _sliced_bn(m: nn.modules.batchnorm._BatchNorm, idx: Tensor) -> nn.Module:
@@ -398,11 +398,6 @@ def _rebuilt(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.
     for p_old, p_new in zip(m.parameters(), new.parameters()):
         p_new.requires_grad_(p_old.requires_grad)
     return new.train(m.training)
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
 
 
 def _check_keep(group: Group, kept: Any) -> Tensor:
@@ -446,7 +441,7 @@ def prune_channels(model: nn.Module, plan: Mapping[int, Any]) -> nn.Module:
             in_idx[name] = idx
     modules = dict(result.named_modules())
     for name in sorted(set(out_idx) | set(in_idx)):
-        _set_module(result, name, _rebuilt(modules[name], out_idx.get(name), in_idx.get(name)))
+        replace_module(result, name, _rebuilt(modules[name], out_idx.get(name), in_idx.get(name)))
     return result
 
 
