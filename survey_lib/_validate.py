@@ -66,3 +66,10 @@ def check_fraction(param: str, value: Any, *, meaning: str = "", allow_zero: boo
         interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise ValueError(f"{param}={value!r} is out of range; accepted range: {interval}{meaning}")
     return v
+
+
+def check_model(model: Any) -> Any:
+    """Raise TypeError unless ``model`` is a torch.nn.Module; return it."""
+    from torch import nn
+
+    return check_type("model", model, nn.Module, "a torch.nn.Module")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ._io import atomic_torch_save
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_choice, check_float, check_int, check_model
 from .data import loader
 from .profiles import seed_everything
 from .tasks import Task
@@ -181,8 +181,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
 
 def check_model_task_data(model: Any, task: Any, data: Any) -> None:
     """TypeError unless model is an nn.Module and task a Task; ValueError if data is empty."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(task, Task):
         raise TypeError(f"task must be a survey_lib.tasks.Task (see get_task), got {type(task).__name__}")
     if len(data) == 0:

@@ -12,7 +12,6 @@ from survey_lib.methods.coding import (
     huffman_code,
     huffman_decode,
     huffman_encode,
-    huffman_lengths,
     pack_bits,
     relative_index,
     table_from_bytes,

@@ -176,7 +176,6 @@ def test_agp_sparsity_hand_values():
 
 def test_agp_callback_follows_schedule_and_agp_prune_reaches_target(ctx):
     model = cnn(ctx)
-    snap = snapshot(model)
     agp = P.AGPCallback(lambda m, s: P.make_masks(m, s, scope="global"), final_sparsity=0.75, start_step=0,
                         end_step=6, frequency=2)
     ctx.finetune(model, epochs=2, callbacks=[agp])  # 2 x 6 steps

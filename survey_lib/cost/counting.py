@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._validate import check_model
+
 TOP = "(top)"
 Bits = dict[str, tuple[int, int]]
 
@@ -119,13 +121,6 @@ def check_example_input(example_input: Any) -> torch.Tensor:
     if example_input.shape[0] < 1:
         raise ValueError(f"example_input must hold at least one example (batch >= 1), got shape {tuple(example_input.shape)}")
     return example_input
-
-
-def check_model(model: Any) -> nn.Module:
-    """Raise TypeError unless ``model`` is an nn.Module."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
 
 
 def run_forward(model: nn.Module, example_input: torch.Tensor) -> Any:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .._validate import check_choice
+from .._validate import check_choice, check_model
 
 Writer = Callable[[nn.Module, Path], None]
 MAGIC = b"SLDENSE1"
@@ -140,8 +140,7 @@ def resolve_format(model: nn.Module, fmt: str | None) -> str:
 
 def stored_bytes(model: nn.Module, fmt: str | None = None, path: str | os.PathLike | None = None) -> StoredSize:
     """Write ``model`` in format ``fmt`` (default: model.storage_format or "dense") and measure the file."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     fmt = resolve_format(model, fmt)
     writer = _FORMATS[fmt]
     if path is not None:

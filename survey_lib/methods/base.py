@@ -97,11 +97,6 @@ class Context:
         return batches
 
 
-def check_model(model: Any) -> nn.Module:
-    """TypeError unless ``model`` is a torch.nn.Module."""
-    return check_type("model", model, nn.Module, "a torch.nn.Module")
-
-
 def check_ctx(ctx: Any, *, optional: bool = False) -> Context | None:
     """TypeError unless ``ctx`` is a Context (or None when ``optional``)."""
     if optional and ctx is None:

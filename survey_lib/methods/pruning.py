@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_fraction, check_int
+from .._validate import check_choice, check_float, check_fraction, check_int, check_model
 from ..train import Callback, TrainState
 from .base import Context, mark
 
@@ -230,9 +230,7 @@ def finetune_masked(model: nn.Module, ctx: Context, masks: Mapping[str, Tensor],
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return copy.deepcopy(model)
+    return copy.deepcopy(check_model(model))
 
 
 def _finish(pruned: nn.Module, name: str, masks: Masks, sparsity: float, scope: str, exclude, start: float,

@@ -35,10 +35,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._validate import check_int
+from .._validate import check_int, check_model
 from ..cost.storage import model_tensors, register_format, stored_bytes
 from ..train import Callback, TrainState
-from .base import Context, check_ctx, check_model, mark, replace_module
+from .base import Context, check_ctx, mark, replace_module
 from .coding import (
     best_index_bits,
     coded_bits,

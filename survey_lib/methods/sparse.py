@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_fraction, check_int
+from .._validate import check_fraction, check_int, check_model
 from ..cost.latency import MIN_RUNS, compare_latency
 from .base import Context, mark, replace_module
 
@@ -178,8 +178,7 @@ def sparsify(model: nn.Module, ctx: Context | None = None, *, min_sparsity: floa
     Grouped/depthwise convs and non-zero padding modes stay dense (listed in ``compression["skipped"]``).
     Inference only: the sparse layers have no weight gradients.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_sparsity(min_sparsity, "min_sparsity", allow_zero=True)
     result = copy.deepcopy(model)
     converted, skipped = [], {}

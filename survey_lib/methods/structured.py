@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .._validate import check_float, check_fraction, check_int
+from .._validate import check_float, check_fraction, check_int, check_model
 from ..train import CosineLR, ExtraLoss
-from .base import Context, check_ctx, check_model, mark, replace_module
+from .base import Context, check_ctx, mark, replace_module
 
 __all__ = [
     "Group", "channel_groups", "l1_importance", "bn_scale_importance", "prune_channels", "keep_plan",
