@@ -18,20 +18,7 @@ from survey_lib.tasks import get_task, task_for
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def ctx():
-    data = load("digits", "classification", n=240)
-    return Context(task=task_for(data), data=data, budget=1, batch_size=32, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def trained(ctx):
-    """A briefly trained tiny CNN (shared: the tests that need a trained net copy it)."""
-    model = cnn(ctx)
-    ctx.finetune(model, epochs=4, lr=1e-2)
-    return model
-
-
+# ctx and trained come from tests/conftest.py
 def cnn(ctx, seed=0):
     torch.manual_seed(seed)
     return build_model("vgg", ctx.task, in_channels=1, width=0.25, image_size=8)

@@ -245,6 +245,9 @@ def _storage_names(model: nn.Module) -> dict[int, str]:
 def trace(model: nn.Module, example_input: torch.Tensor) -> OpTrace:
     """Run one inference (eval, no_grad) and record every aten op with its module and tensors."""
     check_model(model)
+    if getattr(model, "onnx_path", None) is not None:  # its ops run inside ONNX Runtime, unseen by torch
+        raise TypeError(f"model is an ONNX Runtime model ({type(model).__name__}); its ops cannot be traced or counted: "
+                        "count the torch model it was exported from instead")
     # A copy with its own storage: a slice of a larger tensor would count the whole dataset as live.
     example_input = check_example_input(example_input).detach().clone()
     param_storages = _storage_names(model)

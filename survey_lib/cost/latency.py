@@ -180,6 +180,18 @@ def check_ort_matches(model: nn.Module, session: Any, x: torch.Tensor, rtol: flo
             raise RuntimeError(f"ONNX Runtime output {i} differs from torch (shape {g.shape} vs {r.shape}, max abs err {err:.3g})")
 
 
+def is_onnx_model(model: Any) -> bool:
+    """True for a model that runs an ONNX file in ONNX Runtime (it has an ``onnx_path`` attribute)."""
+    return getattr(model, "onnx_path", None) is not None
+
+
+def _check_runtime_fits(models: dict[str, nn.Module], runtime: str) -> None:
+    if runtime == "eager":
+        for name, m in models.items():
+            if is_onnx_model(m):
+                raise ValueError(f"model {name!r} is an ONNX Runtime model ({Path(m.onnx_path).name}); use runtime='ort'")
+
+
 _CACHE_DIR: Path | None = None
 _EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Export]]" = weakref.WeakKeyDictionary()
 
@@ -200,8 +212,11 @@ def cached_onnx(model: nn.Module, x: torch.Tensor) -> Path:
     """ONNX file of ``model`` for ``x``'s shape, exported once per model state and checked per batch size.
 
     One export with a symbolic batch serves every batch size; a model that cannot be exported that way
-    is exported once per batch size."""
+    is exported once per batch size.  A model that already is an ONNX file (an ``onnx_path``
+    attribute, e.g. ``survey_lib.deploy.OnnxModel``) is returned as is: no export, no check."""
     global _CACHE_DIR
+    if is_onnx_model(model):
+        return Path(model.onnx_path)
     per_model = _EXPORTS.setdefault(model, {})
     for key in (_fingerprint(model, x, None), _fingerprint(model, x, x.shape[0])):
         entry = per_model.get(key)
@@ -277,6 +292,7 @@ def compare_latency(
     for m in models.values():
         check_model(m)
     _check_settings(runtime, threads, runs, warmup)
+    _check_runtime_fits(models, runtime)
     x = batch_input(example_input, batch)
     rng = random.Random(seed)
     names = list(models)
@@ -342,6 +358,7 @@ __all__ = [
     "export_onnx",
     "ort_session",
     "cached_onnx",
+    "is_onnx_model",
     "check_ort_matches",
     "batch_input",
     "torch_threads",
