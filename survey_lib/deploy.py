@@ -297,14 +297,15 @@ def quantize_int8(
     keep_fp32 = _check_keep_fp32(keep_fp32)
     int8_path, fp32_path = _target_paths(path)
     batches = calibration_batches(ctx, n_calibration)
-    _export(model, torch.from_numpy(batches[0][:1]), fp32_path)
     with tempfile.TemporaryDirectory(prefix="survey_lib_quant_") as work:
-        pre, out = Path(work) / "pre.onnx", Path(work) / "int8.onnx"
+        fp32, pre, out = Path(work) / "fp32.onnx", Path(work) / "pre.onnx", Path(work) / "int8.onnx"
+        _export(model, torch.from_numpy(batches[0][:1]), fp32)
         with _quiet_ort():
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         graph = onnx.load(str(pre)).graph
-        excluded = _excluded(graph, keep_fp32)
+        excluded = _excluded(graph, keep_fp32)  # a bad node name fails here, before anything is written
         _quantize_static(pre, out, batches, excluded, calibrator, per_channel, activation_type)
+        atomic_write(fp32_path, lambda tmp: shutil.copyfile(fp32, tmp))
         atomic_write(int8_path, lambda tmp: shutil.copyfile(out, tmp))
     result = OnnxModel(int8_path, threads)
     result.fp32_path = fp32_path
@@ -343,6 +344,7 @@ def op_profile(model: OnnxModel, x: Tensor, *, runs: int = 50, threads: int = 1)
     import onnxruntime as ort
 
     check_type("model", model, OnnxModel, "an OnnxModel")
+    check_type("x", x, Tensor, "a torch.Tensor input batch")
     check_int("runs", runs, min_value=1)
     check_int("threads", threads, min_value=1, max_value=256)
     with tempfile.TemporaryDirectory(prefix="survey_lib_prof_") as d:
@@ -352,7 +354,7 @@ def op_profile(model: OnnxModel, x: Tensor, *, runs: int = 50, threads: int = 1)
         so.enable_profiling, so.profile_file_prefix, so.log_severity_level = True, str(Path(d) / "prof"), 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(model.onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
+        feed = {sess.get_inputs()[0].name: x.detach().to("cpu", torch.float32).numpy()}
         for _ in range(5 + runs):
             sess.run(None, feed)
         with open(sess.end_profiling()) as f:

@@ -82,8 +82,10 @@ def test_host_measured_cached_atomically_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(hwmod, "_measure_host", lambda: calls.append(1) or real())
     hw = host_profile()
     assert calls == [1] and hw.kind == "measured" and hw.name == "host"
-    figures = [hw.peak_macs_per_s["fp32"], hw.bandwidth_bytes_per_s["dram"], *[v for k, v in hw.extra.items() if "macs" in k]]
+    figures = [hw.peak_macs_per_s["fp32"], hw.peak_macs_per_s["int8"], hw.bandwidth_bytes_per_s["dram"],
+               *[v for k, v in hw.extra.items() if "macs" in k]]
     assert all(math.isfinite(v) and v > 0 for v in figures)
+    assert {"fp32_macs_per_s_1threads", "int8_macs_per_s_1threads"} <= set(hw.extra)
     path = tmp_path / "host_profile.json"
     assert json.loads(path.read_text())["copy_bytes_per_s"] == hw.bandwidth_bytes_per_s["dram"]
     assert [p.name for p in tmp_path.iterdir()] == ["host_profile.json"]  # no temp leftovers

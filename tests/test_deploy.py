@@ -260,3 +260,9 @@ def test_op_profile_lists_kernels_in_order(quantized, x_test):
         D.op_profile(q.fp32_path, x)
     with pytest.raises(ValueError, match="runs"):
         D.op_profile(q, x, runs=0)
+
+
+def test_bad_keep_fp32_writes_nothing(ctx, trained, tmp_path):
+    with pytest.raises(ValueError, match="keep_fp32"):
+        D.quantize_int8(trained, ctx, keep_fp32=["no_such_node"], path=tmp_path / "m.onnx", n_calibration=32)
+    assert list(tmp_path.iterdir()) == []

@@ -334,3 +334,6 @@ def test_packed_errors(tmp_path):
     (tmp_path / "t").write_bytes((tmp_path / "m").read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         load_packed(tmp_path / "t")
+    (tmp_path / "h").write_bytes((tmp_path / "m").read_bytes()[:30])  # cut inside the JSON header
+    with pytest.raises(ValueError, match="truncated or corrupt packed file header"):
+        load_packed(tmp_path / "h")

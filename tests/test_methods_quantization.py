@@ -19,6 +19,7 @@ from survey_lib.methods import quantization as Q
 from survey_lib.methods.packing import load_packed
 from survey_lib.models import build_model
 from survey_lib.tasks import task_for
+from survey_lib.train import Callback
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -254,7 +255,7 @@ def test_qat_trains_and_freezes(trained, ctx, quantizer, bits, tmp_path):
     names = Q.quantizable_layers(trained)
     inner = Q.quant_layers(q)[names[1]]
     assert inner.weight_bits == bits and inner.frozen
-    assert len(torch.unique(inner.weight[0])) <= 2**bits
+    assert len(torch.unique(inner.weight[0])) <= (3 if quantizer == "ternary" else 2**bits)
     for m in Q.quant_layers(q).values():
         assert torch.equal(m.integer_weight().dequantize(), m.weight)
     loaded = load_packed(stored_bytes(q, path=tmp_path / "q.packed").path)
@@ -275,9 +276,19 @@ def test_observer_freeze_callback(trained, ctx):
     q = Q.prepare(trained, bits=4)
     Q.calibrate(q, ctx.calibration_batches(1))
     layer = Q.quant_layers(q)[Q.quantizable_layers(trained)[1]]
-    cb = Q.ObserverFreeze(0.5)
-    ctx.finetune(q, epochs=1, callbacks=[cb])
+    start = float(layer.a_hi)
+    seen = []
+
+    class Spy(Callback):
+        def on_step_end(self, state):
+            seen.append((state.step / state.total_steps, float(layer.a_hi)))
+
+    ctx.finetune(q, epochs=2, callbacks=[Q.ObserverFreeze(0.5), Spy()])
     assert layer.observing is False
+    before = [hi for f, hi in seen if f <= 0.5]
+    after = [hi for f, hi in seen if f > 0.55]
+    assert any(hi != start for hi in before)            # the EMA moved the range while observing
+    assert len(set(after)) == 1                          # and it stayed fixed afterwards
     with pytest.raises(ValueError, match="freeze_observers_at"):
         Q.ObserverFreeze(1.5)
 
@@ -339,3 +350,113 @@ def test_every_task_and_arch(task, arch, tmp_path):
     loaded = load_packed(stored_bytes(q4, path=tmp_path / "m.packed").path)
     for name, m in Q.quant_layers(q4).items():
         assert torch.equal(loaded[f"{name}.weight"], m.weight)
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+def test_qparams_and_grid_errors():
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Q.qparams(1.0, -1.0, 8)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="axis=None"):
+        Q.fake_quantize(x, torch.ones(4), torch.zeros(4, dtype=torch.int32), -127, 127)
+    with pytest.raises(ValueError, match="axis 1 of x has 3"):
+        Q.fake_quantize(x, torch.ones(4), torch.zeros(4, dtype=torch.int32), -127, 127, axis=1)
+    with pytest.raises(ValueError, match="axis"):
+        Q.quantize(x, torch.ones(4), torch.zeros(4), -127, 127, axis=2)
+    with pytest.raises(ValueError, match="entropy.*bits <= 10"):
+        Q.calibrate_range(torch.rand(100), "entropy", 12)
+
+
+def test_zero_range_channel_quantizes_to_zero():
+    w = torch.randn(3, 4)
+    w[1] = 0.0
+    lo, hi = Q.calibrate_range(w, "minmax", 4, axis=0)
+    scale, zp = Q.qparams(lo, hi, 4)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    out = Q.fake_quantize(w, scale, zp, *Q.qrange(4), axis=0)
+    assert torch.equal(out[1], torch.zeros(4))
+    assert torch.equal(out, torch.fake_quantize_per_channel_affine(w, scale, zp.int(), 0, *Q.qrange(4)))
+
+
+def test_lsq_step_gradient_matches_paper():
+    """d x_hat / d s = round(x/s) - x/s inside the range, qmin or qmax when clipped, times the scale g."""
+    x = torch.tensor([0.26, -0.61, 3.0, -5.0])
+    step = nn.Parameter(torch.tensor(0.5))
+    Q.lsq_quantize(x, step, -3, 3).sum().backward()
+    v = x / 0.5
+    expected = torch.where(v > 3, torch.tensor(3.0), torch.where(v < -3, torch.tensor(-3.0), torch.round(v) - v))
+    g = 1.0 / np.sqrt(x.numel() * 3)
+    assert step.grad.item() == pytest.approx(float(expected.sum()) * g, rel=1e-5)
+
+
+@pytest.mark.parametrize("per_channel,symmetric", [(False, True), (True, False), (False, False)])
+def test_weight_grids_round_trip_through_file(trained, per_channel, symmetric, tmp_path):
+    q = Q.weight_quantize(trained, bits=4, per_channel=per_channel, symmetric=symmetric)
+    assert all(m.frozen and m.act_bits is None for m in Q.quant_layers(q).values())
+    for m in Q.quant_layers(q).values():
+        it = m.integer_weight()
+        assert (it.axis == 0) is per_channel and it.codes.max() <= 15
+        assert torch.equal(it.dequantize(), m.weight)
+    loaded = load_packed(stored_bytes(q, path=tmp_path / "w.packed").path)
+    for name, m in Q.quant_layers(q).items():
+        assert torch.equal(loaded[f"{name}.weight"], m.weight)
+
+
+def test_fold_grouped_conv_with_bias_and_bn_without_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, affine=False), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4, track_running_stats=False))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-1, 1)
+    model.eval()
+    folded = Q.fold_batchnorm(model)
+    kinds = [type(m).__name__ for m in folded]
+    assert kinds.count("BatchNorm2d") == 1 and kinds[-1] == "BatchNorm2d"  # no running stats: kept
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_prepare_errors(trained):
+    q = Q.prepare(trained)
+    with pytest.raises(ValueError, match="already quantized"):
+        Q.prepare(q)
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        Q.prepare(trained, bits=None)
+    with pytest.raises(ValueError, match="no Conv2d or Linear"):
+        Q.prepare(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="per_channel"):
+        Q.prepare(trained, per_channel="yes")
+    name = Q.quantizable_layers(trained)[1]
+    with pytest.raises(ValueError, match="pair"):
+        Q.prepare(trained, layer_bits={name: (4, 8, 8)})
+    with pytest.raises(ValueError, match="quantizer"):
+        Q.prepare(trained, quantizer="nf4")
+
+
+def test_prepare_keeps_dtype():
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    q = Q.weight_quantize(model, bits=8)
+    assert q[0].weight.dtype == torch.float64 and q[0].w_scale.device == q[0].weight.device
+
+
+def test_allocate_bits_rejects_bad_input():
+    good = pd.DataFrame([dict(layer="a", bits=8, drop=0.0), dict(layer="a", bits=2, drop=0.1)])
+    with pytest.raises(ValueError, match="columns"):
+        Q.allocate_bits(pd.DataFrame({"layer": ["a"]}), {"a": 10}, 4.0)
+    with pytest.raises(ValueError, match="no row for layer 'b'"):
+        Q.allocate_bits(pd.concat([good, pd.DataFrame([dict(layer="b", bits=8, drop=0.0)])]), {"a": 1, "b": 1}, 4.0)
+    with pytest.raises(ValueError, match="NaN"):
+        Q.allocate_bits(good.assign(drop=[0.0, float("nan")]), {"a": 10}, 4.0)
+    with pytest.raises(ValueError, match="share no layer"):
+        Q.allocate_bits(good, {"z": 10}, 4.0)
+    with pytest.raises(ValueError, match=r"units\['a'\]"):
+        Q.allocate_bits(good, {"a": 0}, 4.0)
+    with pytest.raises(TypeError, match="sensitivity"):
+        Q.allocate_bits([1, 2], {"a": 10}, 4.0)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,6 +177,39 @@ def measure_gemm_macs_per_s(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, r
         torch.set_num_threads(before)
 
 
+def _int8_matmul_session(n: int, threads: int) -> Any:
+    """ORT session of a u8 x s8 -> int32 MatMulInteger with a constant (prepacked) n x n weight."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .latency import ort_session
+
+    weight = np.random.default_rng(0).integers(-127, 128, size=(n, n), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "int8_gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    with tempfile.TemporaryDirectory(prefix="survey_lib_int8_") as d:
+        path = Path(d) / "int8_gemm.onnx"
+        onnx.save(model, str(path))
+        return ort_session(path, threads)
+
+
+def measure_int8_gemm_macs_per_s(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, repeats: int = 3) -> float:
+    """Best u8 x s8 GEMM MAC/s of ONNX Runtime (MatMulInteger, int32 accumulation) at ``threads`` threads."""
+    import numpy as np
+
+    rates = []
+    for n in sizes:
+        sess = _int8_matmul_session(n, threads)
+        feed = {"a": np.random.default_rng(1).integers(0, 256, size=(n, n), dtype=np.uint8)}
+        rates.append(n**3 / _best_seconds(lambda: sess.run(None, feed), repeats))
+    return max(rates)
+
+
 def measure_copy_bytes_per_s(mbytes: int = 64, repeats: int = 5) -> float:
     """Best-of-``repeats`` copy bandwidth of a ``mbytes`` MB tensor: (bytes read + written) / s."""
     src = torch.ones(mbytes * (1 << 20) // 4)
@@ -183,8 +217,11 @@ def measure_copy_bytes_per_s(mbytes: int = 64, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
 
 
+HOST_SCHEMA = 2  # 2: adds the int8 GEMM peak
+
+
 def _host_key() -> dict[str, Any]:
-    return {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
+    return {"schema": HOST_SCHEMA, "machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
             "cpus": os.cpu_count(), "torch": torch.__version__}
 
 
@@ -192,21 +229,26 @@ def _measure_host() -> dict[str, Any]:
     t0 = time.perf_counter()
     nmax = max(1, min(2, os.cpu_count() or 1))
     gemm = {t: measure_gemm_macs_per_s(t) for t in sorted({1, nmax})}
+    int8 = {t: measure_int8_gemm_macs_per_s(t) for t in sorted({1, nmax})}
     copy = measure_copy_bytes_per_s()
     return {"key": _host_key(), "gemm_fp32_macs_per_s": {str(k): v for k, v in gemm.items()},
-            "copy_bytes_per_s": copy, "seconds": time.perf_counter() - t0, "measured_at": time.time()}
+            "gemm_int8_macs_per_s": {str(k): v for k, v in int8.items()}, "copy_bytes_per_s": copy, "seconds": time.perf_counter() - t0, "measured_at": time.time()}
 
 
 def _host_from(data: dict[str, Any]) -> HardwareProfile:
     gemm = {int(k): float(v) for k, v in data["gemm_fp32_macs_per_s"].items()}
+    int8 = {int(k): float(v) for k, v in data["gemm_int8_macs_per_s"].items()}
     return HardwareProfile(
         name="host",
-        description=f"this machine ({platform.processor() or platform.machine()}), torch.mm fp32 GEMM at 1 thread, copy bandwidth (measured)",
-        peak_macs_per_s={"fp32": gemm[1]},
+        description=(f"this machine ({platform.processor() or platform.machine()}), fp32 torch.mm and int8 ONNX Runtime "
+                     "MatMulInteger GEMM at 1 thread, copy bandwidth (measured)"),
+        peak_macs_per_s={"fp32": gemm[1], "int8": int8[1]},
         bandwidth_bytes_per_s={"dram": float(data["copy_bytes_per_s"])},
         kind="measured",
-        sources=["micro-benchmark: best torch.mm fp32 over 512/1024/2048 square sizes; 64 MB tensor copy (read + write)", HOROWITZ + " (energy, estimated)"],
-        extra={f"fp32_macs_per_s_{t}threads": v for t, v in gemm.items()} | {"measurement_s": data.get("seconds")},
+        sources=["micro-benchmark: best torch.mm fp32 and ONNX Runtime MatMulInteger (u8 x s8 -> int32) over "
+                 "512/1024/2048 square sizes; 64 MB tensor copy (read + write)", HOROWITZ + " (energy, estimated)"],
+        extra={f"fp32_macs_per_s_{t}threads": v for t, v in gemm.items()}
+        | {f"int8_macs_per_s_{t}threads": v for t, v in int8.items()} | {"measurement_s": data.get("seconds")},
     )
 
 
@@ -214,7 +256,7 @@ _HOST: HardwareProfile | None = None
 
 
 def host_profile(cache: bool = True) -> HardwareProfile:
-    """Measured host roofline (fp32 GEMM MAC/s at 1 and 2 threads, copy bytes/s), cached as JSON."""
+    """Measured host roofline (fp32 and int8 GEMM MAC/s at 1 and 2 threads, copy bytes/s), cached as JSON."""
     global _HOST
     path = cache_path()
     if cache:

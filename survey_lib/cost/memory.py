@@ -31,6 +31,17 @@ NO_DATA_OPS = frozenset(
 )
 
 
+# Fake-quant ops stand for the requantization an integer kernel fuses into the layer's output: counted
+# traffic is that of the deployed model, so they move no data of their own.
+FUSED_QUANT_OPS = frozenset(
+    {
+        "fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine",
+        "fake_quantize_per_tensor_affine_cachemask", "fake_quantize_per_channel_affine_cachemask",
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    }
+)
+
+
 def aten_name(op: str) -> str:
     """The bare op name of "aten.view.default" -> "view"."""
     parts = op.split(".")
@@ -38,8 +49,9 @@ def aten_name(op: str) -> str:
 
 
 def moves_data(op: str) -> bool:
-    """False for view-like ops that move no data (skipped in traffic)."""
-    return aten_name(op) not in NO_DATA_OPS
+    """False for view-like ops and fused fake-quant ops, which move no data (skipped in traffic)."""
+    name = aten_name(op)
+    return name not in NO_DATA_OPS and name not in FUSED_QUANT_OPS
 
 
 # --------------------------------------------------------------------------- liveness
@@ -158,4 +170,5 @@ __all__ = [
     "op_traffic",
     "moves_data",
     "NO_DATA_OPS",
+    "FUSED_QUANT_OPS",
 ]

@@ -324,9 +324,12 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor | QuantizedTe
     data = Path(path).read_bytes()
     if data[: len(MAGIC)] != MAGIC:
         raise ValueError(f"{path} is not a survey_lib packed file (bad magic)")
-    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
-    base = len(MAGIC) + 8 + hlen
-    header = json.loads(data[len(MAGIC) + 8 : base].decode())
+    try:
+        (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+        base = len(MAGIC) + 8 + hlen
+        header = json.loads(data[len(MAGIC) + 8 : base].decode())
+    except (struct.error, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: truncated or corrupt packed file header ({err})") from err
     if header.get("format") != "packed" or header.get("version") != VERSION:
         got = f"format {header.get('format')!r}, version {header.get('version')!r}"
         raise ValueError(f"{path}: unsupported header ({got}); expected format 'packed', version {VERSION}")

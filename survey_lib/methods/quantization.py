@@ -51,6 +51,7 @@ QUANTIZERS = ("uniform", "lsq", "binary", "ternary")
 CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
 WEIGHT_CALIBRATORS = ("minmax", "mse")
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
+ENTROPY_MAX_BITS = 10         # levels must stay well below the 2048 histogram bins
 SAMPLE_CAP = 1 << 16          # activation values kept per layer for percentile / MSE / entropy calibration
 
 
@@ -88,9 +89,15 @@ def qparams(lo: Tensor | float, hi: Tensor | float, bits: int, symmetric: bool =
 
 
 def _along(t: Tensor, x: Tensor, axis: int | None) -> Tensor:
-    """Reshape a per-channel ``t`` to broadcast along ``axis`` of ``x`` (scalars pass through)."""
-    if axis is None or t.dim() == 0:
-        return t
+    """Reshape a per-channel ``t`` to broadcast along ``axis`` of ``x``; ValueError if the sizes disagree."""
+    if axis is None:
+        if t.numel() != 1:
+            raise ValueError(f"axis=None (per tensor) needs one scale and zero_point, got {t.numel()}; "
+                             "pass axis= for per-channel grids")
+        return t.reshape(())
+    check_int("axis", axis, min_value=-x.dim(), max_value=x.dim() - 1)
+    if t.numel() not in (1, x.shape[axis]):
+        raise ValueError(f"scale/zero_point have {t.numel()} values but axis {axis} of x has {x.shape[axis]}")
     shape = [1] * x.dim()
     shape[axis] = -1
     return t.reshape(shape)
@@ -220,6 +227,8 @@ def calibrate_range(
     if x.numel() == 0:
         raise ValueError("calibration needs data: got an empty tensor")
     x = x.detach().float()
+    if method == "entropy" and bits > ENTROPY_MAX_BITS:
+        raise ValueError(f"the entropy calibrator supports bits <= {ENTROPY_MAX_BITS} (a 2048-bin histogram), got {bits}")
     if axis is not None and method in ("percentile", "entropy"):
         raise ValueError(f"calibrator {method!r} works per tensor (axis=None); per-channel accepts 'minmax' or 'mse'")
     if method == "mse":
@@ -305,16 +314,18 @@ class QuantMixin:
         self.observing = True
         self.weight_calibrator = "minmax"
         n = self.weight.shape[0] if self.per_channel else 1
-        self.register_buffer("w_scale", torch.ones(n))
-        self.register_buffer("w_zero_point", torch.zeros(n, dtype=torch.int64))
-        self.register_buffer("a_scale", torch.ones(()))
-        self.register_buffer("a_zero_point", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("a_lo", torch.zeros(()))
-        self.register_buffer("a_hi", torch.zeros(()))
-        self.register_buffer("a_calibrated", torch.zeros((), dtype=torch.bool))
+        dev = self.weight.device
+        # zero points are int32, the dtype PyTorch's fake-quant ops take (no conversion op per forward)
+        self.register_buffer("w_scale", torch.ones(n, device=dev))
+        self.register_buffer("w_zero_point", torch.zeros(n, dtype=torch.int32, device=dev))
+        self.register_buffer("a_scale", torch.ones((), device=dev))
+        self.register_buffer("a_zero_point", torch.zeros((), dtype=torch.int32, device=dev))
+        self.register_buffer("a_lo", torch.zeros((), device=dev))
+        self.register_buffer("a_hi", torch.zeros((), device=dev))
+        self.register_buffer("a_calibrated", torch.zeros((), dtype=torch.bool, device=dev))
         if quantizer == "lsq":
-            self.w_step = nn.Parameter(torch.ones(n))
-            self.a_step = nn.Parameter(torch.ones(()))
+            self.w_step = nn.Parameter(torch.ones(n, device=dev))
+            self.a_step = nn.Parameter(torch.ones((), device=dev))
 
     # -- grids
     @property
@@ -373,9 +384,9 @@ class QuantMixin:
     def _grid_weight(self) -> Tensor:
         qmin, qmax = self.w_range()
         if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(self.weight, self.w_scale, self.w_zero_point.int(), 0,
+            return torch.fake_quantize_per_channel_affine(self.weight, self.w_scale, self.w_zero_point, 0,
                                                           qmin, qmax)
-        return torch.fake_quantize_per_tensor_affine(self.weight, self.w_scale[0], self.w_zero_point[0].int(),
+        return torch.fake_quantize_per_tensor_affine(self.weight, self.w_scale[0], self.w_zero_point[0],
                                                      qmin, qmax)
 
     def _observe(self, x: Tensor, momentum: float = 0.9) -> None:
@@ -383,7 +394,7 @@ class QuantMixin:
         if bool(self.a_calibrated):
             lo = momentum * self.a_lo + (1 - momentum) * lo
             hi = momentum * self.a_hi + (1 - momentum) * hi
-        self.set_act_range(torch.minimum(lo, torch.zeros(())), hi)
+        self.set_act_range(torch.clamp(lo, max=0.0), hi)
 
     def quant_input(self, x: Tensor) -> Tensor:
         """Fake-quantized input activations (unchanged when ``act_bits`` is None)."""
@@ -396,7 +407,7 @@ class QuantMixin:
             return lsq_quantize(x, self.a_step, qmin, qmax)
         if self.training and self.observing and self.quantizer != "lsq":
             self._observe(x)
-        return torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero_point.int(), qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero_point, qmin, qmax)
 
     # -- freezing and storage
     def freeze(self) -> None:
@@ -460,11 +471,12 @@ class QLinear(QuantMixin, nn.Linear):
 
 def _quantized_copy(layer: nn.Module, spec: dict) -> nn.Module:
     """A QConv2d/QLinear holding ``layer``'s parameters."""
+    kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Conv2d):
         q = QConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                    layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode)
+                    layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **kw)
     else:
-        q = QLinear(layer.in_features, layer.out_features, layer.bias is not None)
+        q = QLinear(layer.in_features, layer.out_features, layer.bias is not None, **kw)
     q.load_state_dict(layer.state_dict())
     q._setup(**spec)
     return q
@@ -482,15 +494,20 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) names where the BatchNorm2d's only input is the conv's output (torch.fx)."""
     import torch.fx as fx
 
-    gm = fx.symbolic_trace(model)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:
+        raise TypeError(f"BatchNorm folding traces the model with torch.fx, which failed ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); pass fold_bn=False") from err
     mods = dict(model.named_modules())
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0]
-        if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
-                and len(src.users) == 1):
+        has_stats = mods[node.target].running_var is not None  # track_running_stats=False: batch stats, no fold
+        if (has_stats and isinstance(src, fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -521,7 +538,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------
 # Prepare, calibrate, freeze
 # ----------------------------------------------------------------------------------------------------------
-LayerBits = Mapping[str, "int | tuple[int | None, int | None] | None"]
+LayerBits = Mapping[str, "int | tuple[int, int | None] | None"]
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -550,6 +567,8 @@ def _layer_plan(model: nn.Module, bits: int | None, act_bits: int | None, quanti
         if b is None:
             plan.pop(n, None)
             continue
+        if isinstance(b, tuple) and len(b) != 2:
+            raise ValueError(f"layer_bits[{n!r}] must be bits or a (weight_bits, act_bits) pair, got {b!r}")
         wb, ab = b if isinstance(b, tuple) else (b, act_bits)
         plan[n] = (check_bits(wb, f"layer_bits[{n!r}]"), _check_act_bits(ab), "uniform")
     return plan
@@ -566,6 +585,15 @@ def prepare(
     check_model(model)
     check_choice("quantizer", quantizer, QUANTIZERS)
     check_choice("weight_calibrator", weight_calibrator, WEIGHT_CALIBRATORS)
+    for flag, value in (("per_channel", per_channel), ("symmetric", symmetric), ("act_symmetric", act_symmetric),
+                        ("fold_bn", fold_bn), ("keep_first_last", keep_first_last)):
+        check_type(flag, value, bool, "True or False")
+    if quant_layers(model):
+        raise ValueError("model is already quantized (it has QConv2d/QLinear layers); start from the float model")
+    if not quantizable_layers(model):
+        raise ValueError("model has no Conv2d or Linear layer to quantize")
+    if bits is None and not layer_bits:
+        raise ValueError("nothing to quantize: pass bits (every layer) or layer_bits ({layer name: bits})")
     if bits is not None and quantizer in ("uniform", "lsq"):
         check_bits(bits)
     elif bits is not None:
@@ -609,18 +637,21 @@ def observe_activations(model: nn.Module, batches: Iterable) -> dict[str, Tensor
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     saved = {n: m.act_bits for n, m in layers.items()}
+    was_training = model.training
+    device = next(model.parameters()).device
     try:
         for m in layers.values():
             m.act_bits = None  # observe float activations
         with torch.no_grad():
             model.eval()
             for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
     finally:
         for h in handles:
             h.remove()
         for n, m in layers.items():
             m.act_bits = saved[n]
+        model.train(was_training)
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
@@ -681,6 +712,8 @@ def ptq(
 ) -> nn.Module:
     """Post-training quantization: fold BN, calibrate activations on ``n_batches`` training batches, freeze."""
     _check_common(model, ctx, n_batches)
+    check_choice("calibrator", calibrator, CALIBRATORS)
+    check_float("percentile", percentile, min_value=50.0, max_value=100.0)
     q = prepare(model, bits=bits, act_bits=act_bits, per_channel=per_channel, symmetric=symmetric,
                 fold_bn=fold_bn, keep_first_last=keep_first_last, layer_bits=layer_bits,
                 weight_calibrator=weight_calibrator)
@@ -698,9 +731,12 @@ def qat(
 ) -> nn.Module:
     """Quantization-aware training with an STE (``uniform``), learned steps (``lsq``), ``binary`` or ``ternary``.
 
-    ``act_bits="auto"``: activations at ``bits`` for uniform/LSQ (W4A4), at 8 for binary/ternary weights."""
+    ``act_bits="auto"``: activations at ``bits`` for uniform/LSQ (W4A4), at 8 for binary/ternary weights.
+    ``calibrator`` sets the initial activation ranges; uniform QAT then follows an EMA of the observed
+    min/max until ``freeze_observers_at`` of the steps (:class:`ObserverFreeze`), LSQ learns them."""
     _check_common(model, ctx, n_batches)
     check_choice("quantizer", quantizer, QUANTIZERS)
+    check_choice("calibrator", calibrator, CALIBRATORS)
     if act_bits == "auto":
         act_bits = bits if quantizer in ("uniform", "lsq") else 8
     q = prepare(model, bits=bits, act_bits=act_bits, quantizer=quantizer, per_channel=per_channel,
@@ -714,10 +750,10 @@ def qat(
 
 
 def weight_quantize(model: nn.Module, quantizer: str = "uniform", bits: int = 8, *, per_channel: bool = True,
-                    fold_bn: bool = False, keep_first_last: bool = False) -> nn.Module:
+                    symmetric: bool = True, fold_bn: bool = False, keep_first_last: bool = False) -> nn.Module:
     """Weights only, no data: a frozen copy with every layer's weights on the ``quantizer`` grid."""
     return freeze(prepare(model, bits=bits, act_bits=None, quantizer=quantizer, per_channel=per_channel,
-                          fold_bn=fold_bn, keep_first_last=keep_first_last))
+                          symmetric=symmetric, fold_bn=fold_bn, keep_first_last=keep_first_last))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -757,11 +793,9 @@ def layer_units(model: nn.Module, example_input: Tensor, kind: str = "size") -> 
 def allocate_bits(sensitivity: pd.DataFrame, units: Mapping[str, int], average_bits: float) -> dict[str, int]:
     """Greedy mixed precision: lower the layer that loses least per unit saved until the units-weighted
     average of the weight bits is at most ``average_bits``."""
-    check_type("sensitivity", sensitivity, pd.DataFrame, "a DataFrame from bit_sensitivity")
-    options = sorted(sensitivity["bits"].unique().tolist(), reverse=True)
+    options, drop = _check_sensitivity(sensitivity)
     check_float("average_bits", average_bits, min_value=float(options[-1]), max_value=float(options[0]))
-    drop = {(r.layer, int(r.bits)): max(0.0, float(r.drop)) for r in sensitivity.itertuples()}
-    layers = [n for n in units if any(k[0] == n for k in drop)]
+    layers = _check_units(units, {k[0] for k in drop})
     total = sum(units[n] for n in layers)
     alloc = {n: options[0] for n in layers}
     budget = average_bits * total
@@ -778,6 +812,33 @@ def allocate_bits(sensitivity: pd.DataFrame, units: Mapping[str, int], average_b
         _, n, lower = min(moves)
         alloc[n] = lower
     return _fill_budget(alloc, drop, units, options, budget)
+
+
+def _check_sensitivity(sensitivity: object) -> tuple[list[int], dict[tuple[str, int], float]]:
+    """Bits options (high to low) and {(layer, bits): drop >= 0}; every layer must have every option."""
+    check_type("sensitivity", sensitivity, pd.DataFrame, "a DataFrame from bit_sensitivity")
+    missing = {"layer", "bits", "drop"} - set(sensitivity.columns)
+    if missing or sensitivity.empty:
+        raise ValueError(f"sensitivity needs rows with columns layer, bits, drop (missing: {sorted(missing)})")
+    if sensitivity["drop"].isna().any():
+        raise ValueError("sensitivity has NaN drops")
+    options = sorted({int(b) for b in sensitivity["bits"]}, reverse=True)
+    drop = {(str(r.layer), int(r.bits)): max(0.0, float(r.drop)) for r in sensitivity.itertuples()}
+    for layer in {k[0] for k in drop}:
+        absent = [b for b in options if (layer, b) not in drop]
+        if absent:
+            raise ValueError(f"sensitivity has no row for layer {layer!r} at bits {absent}")
+    return options, drop
+
+
+def _check_units(units: object, layers: set[str]) -> list[str]:
+    check_type("units", units, Mapping, "a {layer: count} mapping from layer_units")
+    shared = [n for n in units if n in layers]
+    if not shared:
+        raise ValueError(f"units and sensitivity share no layer names (units: {sorted(units)[:5]}...)")
+    for n in shared:
+        check_int(f"units[{n!r}]", units[n], min_value=1)
+    return shared
 
 
 def _fill_budget(alloc: dict[str, int], drop: Mapping, units: Mapping[str, int], options: list[int],
