@@ -460,3 +460,30 @@ def test_allocate_bits_rejects_bad_input():
         Q.allocate_bits(good, {"a": 0}, 4.0)
     with pytest.raises(TypeError, match="sensitivity"):
         Q.allocate_bits([1, 2], {"a": 10}, 4.0)
+
+
+def test_bias_correction_removes_mean_output_shift():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8, bias=False))
+    x = torch.randn(256, 16) + 0.5  # a non-zero mean input, so rounding shifts the output mean
+    q = Q.prepare(model, bits=2, act_bits=None, keep_first_last=False)
+    with torch.no_grad():
+        before = (q(x) - model(x)).mean(0).abs().max().item()
+    Q.correct_bias(q, [(x, None)])
+    Q.freeze(q)
+    with torch.no_grad():
+        after = (q(x) - model(x)).mean(0).abs().max().item()
+    assert before > 0.05 and after < 1e-4 * max(1.0, before)
+    assert q[0].bias is not None and torch.equal(q[0].integer_weight().dequantize(), q[0].weight)
+    with pytest.raises(ValueError, match="calibration needs data"):
+        Q.correct_bias(Q.prepare(model, bits=2, act_bits=None), [])
+
+
+def test_ptq_bias_correction_flag(trained, ctx):
+    plain = Q.ptq(trained, ctx, bits=2, act_bits=None)
+    corrected = Q.ptq(trained, ctx, bits=2, act_bits=None, bias_correction=True)
+    name = Q.quantizable_layers(trained)[1]
+    assert not torch.equal(Q.quant_layers(corrected)[name].bias, Q.quant_layers(plain)[name].bias)
+    assert corrected.compression["bias_correction"] is True
+    with pytest.raises(TypeError, match="bias_correction"):
+        Q.ptq(trained, ctx, bias_correction="yes")

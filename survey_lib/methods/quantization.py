@@ -263,9 +263,13 @@ def _grad_scale(x: Tensor, g: float) -> Tensor:
     return (x - x * g).detach() + x * g
 
 
-def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
-    """Learned step size quantization (Esser et al. 2020): round_ste(clamp(x/s)) * s, s's gradient scaled."""
-    g = 1.0 / math.sqrt(max(1, x.numel() // max(1, step.numel())) * max(1, qmax))
+def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, axis: int | None = None,
+                 features: int | None = None) -> Tensor:
+    """Learned step size quantization (Esser et al. 2020): round_ste(clamp(x/s)) * s, s's gradient scaled
+    by g = 1/sqrt(features * qmax); ``features``: values per step (default: x.numel() / steps; for
+    activations pass the features of one example)."""
+    n = features if features is not None else x.numel() // max(1, step.numel())
+    g = 1.0 / math.sqrt(max(1, n) * max(1, qmax))
     s = _along(_grad_scale(step.abs() + 1e-8, g), x, axis)
     return round_ste(torch.clamp(x / s, qmin, qmax)) * s
 
@@ -404,7 +408,7 @@ class QuantMixin:
             raise RuntimeError("activation ranges are not calibrated; run calibrate(model, batches) first")
         qmin, qmax = self.a_range()
         if self.quantizer == "lsq" and not self.frozen:
-            return lsq_quantize(x, self.a_step, qmin, qmax)
+            return lsq_quantize(x, self.a_step, qmin, qmax, features=x[0].numel())
         if self.training and self.observing and self.quantizer != "lsq":
             self._observe(x)
         return torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero_point, qmin, qmax)
@@ -440,6 +444,14 @@ class QuantMixin:
         zp = self.w_zero_point if self.per_channel else self.w_zero_point[0]
         codes = quantize(w, scale, zp, qmin, qmax, self.w_axis) - qmin
         return QuantizedTensor(codes, scale.float(), (zp - qmin).float(), self.w_axis, self.weight_bits)
+
+    def weight_error_output(self, x: Tensor) -> Tensor:
+        """Mean over everything but the output channel of layer(x_q; W - W_q): what weight rounding shifts."""
+        delta = (self.weight - self._grid_weight()).detach()
+        xq = self.quant_input(x)
+        if isinstance(self, nn.Conv2d):
+            return self._conv_forward(xq, delta, None).mean(dim=(0, 2, 3))
+        return F.linear(xq, delta).reshape(-1, delta.shape[0]).mean(0)
 
     def deploy_tensors(self) -> dict[str, Tensor]:
         """What the packed file stores besides the weight codes: the bias and the activation grid."""
@@ -669,6 +681,33 @@ def calibrate(model: nn.Module, batches: Iterable, calibrator: str = "minmax", *
     return model
 
 
+def correct_bias(model: nn.Module, batches: Iterable) -> nn.Module:
+    """Empirical bias correction (Nagel et al., ICCV 2019): add the mean output shift that weight rounding
+    causes, E[(W - W_q) x] per output channel, to each quantized layer's bias (in place, before freeze)."""
+    batches = _check_batches(batches)
+    layers = {n: m for n, m in quant_layers(model).items() if m.quantizer == "uniform" and not m.frozen}
+    sums: dict[str, list[Tensor]] = {n: [] for n in layers}
+    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: sums[n].append(mod.weight_error_output(inp[0])))
+               for n, m in layers.items()]
+    was_training, device = model.training, next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    with torch.no_grad():
+        for n, m in layers.items():
+            shift = torch.stack(sums[n]).mean(0)
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros_like(shift))
+            m.bias.add_(shift)
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Bake every quantized layer's weights onto its grid (in place); the inference form of the model."""
     for layer in quant_layers(model).values():
@@ -709,18 +748,24 @@ def ptq(
     model: nn.Module, ctx: Context, *, bits: int | None = 8, act_bits: int | None = 8, calibrator: str = "minmax",
     weight_calibrator: str = "minmax", per_channel: bool = True, symmetric: bool = True, fold_bn: bool = True,
     keep_first_last: bool = True, layer_bits: LayerBits | None = None, n_batches: int = 4, percentile: float = 99.99,
+    bias_correction: bool = False,
 ) -> nn.Module:
-    """Post-training quantization: fold BN, calibrate activations on ``n_batches`` training batches, freeze."""
+    """Post-training quantization: fold BN, calibrate activations on ``n_batches`` training batches,
+    optionally correct the biases for the mean shift of weight rounding, freeze."""
     _check_common(model, ctx, n_batches)
     check_choice("calibrator", calibrator, CALIBRATORS)
     check_float("percentile", percentile, min_value=50.0, max_value=100.0)
+    check_type("bias_correction", bias_correction, bool, "True or False")
     q = prepare(model, bits=bits, act_bits=act_bits, per_channel=per_channel, symmetric=symmetric,
                 fold_bn=fold_bn, keep_first_last=keep_first_last, layer_bits=layer_bits,
                 weight_calibrator=weight_calibrator)
     if any(m.act_bits is not None for m in quant_layers(q).values()):
         calibrate(q, ctx.calibration_batches(n_batches), calibrator, percentile=percentile)
+    if bias_correction:
+        correct_bias(q, ctx.calibration_batches(n_batches))
     freeze(q)
     return mark(q, "ptq", "low_bit_storage", bits=bits, act_bits=act_bits, calibrator=calibrator,
+                bias_correction=bias_correction,
                 per_channel=per_channel, keep_first_last=keep_first_last, simulated_compute=True)
 
 
@@ -868,6 +913,6 @@ __all__ = [
     "BITS_RANGE", "QUANTIZERS", "CALIBRATORS", "check_bits", "qrange", "qparams", "quantize", "dequantize",
     "fake_quantize", "sqnr_db", "calibrate_range", "round_ste", "sign_ste", "lsq_quantize", "binary_weight",
     "ternary_weight", "QConv2d", "QLinear", "quant_layers", "fold_conv_bn", "fold_batchnorm", "quantizable_layers",
-    "prepare", "observe_activations", "calibrate", "freeze", "ObserverFreeze", "ptq", "qat", "weight_quantize",
+    "prepare", "observe_activations", "calibrate", "correct_bias", "freeze", "ObserverFreeze", "ptq", "qat", "weight_quantize",
     "bit_sensitivity", "layer_units", "allocate_bits", "average_bits",
 ]
