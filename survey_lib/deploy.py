@@ -320,17 +320,13 @@ def quantize_int8(
 def int8_ops(model: OnnxModel | str | os.PathLike) -> dict[str, int]:
     """Op types of the graph ORT actually runs after its optimizations (QLinearConv/QGemm = int8 kernels)."""
     import onnx
-    import onnxruntime as ort
 
     src = model.onnx_path if isinstance(model, OnnxModel) else Path(check_type(
         "model", model, (str, os.PathLike), "an OnnxModel or the path of an .onnx file"))
     with tempfile.TemporaryDirectory(prefix="survey_lib_ops_") as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
-        so.log_severity_level = 3
-        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
-        counts = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        optimized = Path(d) / "optimized.onnx"
+        ort_session(src, optimized_path=optimized)
+        counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return dict(counts.most_common())
 
 
@@ -341,19 +337,11 @@ MAC_KERNELS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger", "Gemm", "QGemm
 def op_profile(model: OnnxModel, x: Tensor, *, runs: int = 50, threads: int = 1) -> pd.DataFrame:
     """Measured median µs per node over ``runs`` (ORT's profiler), in execution order; ``mac`` marks
     conv/GEMM kernels (fp32 or int8)."""
-    import onnxruntime as ort
-
     check_type("model", model, OnnxModel, "an OnnxModel")
     check_type("x", x, Tensor, "a torch.Tensor input batch")
     check_int("runs", runs, min_value=1)
-    check_int("threads", threads, min_value=1, max_value=256)
     with tempfile.TemporaryDirectory(prefix="survey_lib_prof_") as d:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.enable_profiling, so.profile_file_prefix, so.log_severity_level = True, str(Path(d) / "prof"), 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(str(model.onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+        sess = ort_session(model.onnx_path, threads, profile_prefix=Path(d) / "prof")
         feed = {sess.get_inputs()[0].name: x.detach().to("cpu", torch.float32).numpy()}
         for _ in range(5 + runs):
             sess.run(None, feed)

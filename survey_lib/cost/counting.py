@@ -242,10 +242,15 @@ def _storage_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def is_onnx_model(model: Any) -> bool:
+    """True for a model that runs an ONNX file in ONNX Runtime (it has an ``onnx_path`` attribute)."""
+    return getattr(model, "onnx_path", None) is not None
+
+
 def trace(model: nn.Module, example_input: torch.Tensor) -> OpTrace:
     """Run one inference (eval, no_grad) and record every aten op with its module and tensors."""
     check_model(model)
-    if getattr(model, "onnx_path", None) is not None:  # its ops run inside ONNX Runtime, unseen by torch
+    if is_onnx_model(model):  # its ops run inside ONNX Runtime, unseen by torch
         raise TypeError(f"model is an ONNX Runtime model ({type(model).__name__}); its ops cannot be traced or counted: "
                         "count the torch model it was exported from instead")
     # A copy with its own storage: a slice of a larger tensor would count the whole dataset as live.
@@ -434,6 +439,7 @@ __all__ = [
     "OpRecord",
     "OpTrace",
     "trace",
+    "is_onnx_model",
     "count",
     "count_trace",
     "op_macs",

@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 
 from .._io import atomic_write
 from .._validate import check_choice, check_int
-from .counting import check_example_input, check_model, eval_mode, run_forward
+from .counting import check_example_input, check_model, eval_mode, is_onnx_model, run_forward
 
 RUNTIMES = ("eager", "ort")
 MIN_RUNS = 30
@@ -146,12 +146,18 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     return path
 
 
-def ort_session(path: str | Path, threads: int = 1) -> Any:
-    """ONNX Runtime CPU session: intra-op ``threads``, 1 inter-op thread, sequential, all graph optimizations."""
+def ort_session(path: str | Path, threads: int = 1, *, profile_prefix: str | Path | None = None,
+                optimized_path: str | Path | None = None) -> Any:
+    """ONNX Runtime CPU session: intra-op ``threads``, 1 inter-op thread, sequential, all graph optimizations;
+    optionally ORT's profiler (files at ``profile_prefix``) and the optimized graph saved to ``optimized_path``."""
     import onnxruntime as ort
 
     check_int("threads", threads, min_value=1, max_value=256)
     so = ort.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, str(profile_prefix)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -178,11 +184,6 @@ def check_ort_matches(model: nn.Module, session: Any, x: torch.Tensor, rtol: flo
         if r.shape != g.shape or not np.allclose(r, g, rtol=rtol, atol=atol * max(1.0, scale)):
             err = float(np.abs(r - g).max()) if r.shape == g.shape else float("nan")
             raise RuntimeError(f"ONNX Runtime output {i} differs from torch (shape {g.shape} vs {r.shape}, max abs err {err:.3g})")
-
-
-def is_onnx_model(model: Any) -> bool:
-    """True for a model that runs an ONNX file in ONNX Runtime (it has an ``onnx_path`` attribute)."""
-    return getattr(model, "onnx_path", None) is not None
 
 
 def _check_runtime_fits(models: dict[str, nn.Module], runtime: str) -> None:

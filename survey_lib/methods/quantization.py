@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -647,24 +647,31 @@ def observe_activations(model: nn.Module, batches: Iterable) -> dict[str, Tensor
             seen[name].append(x)
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     saved = {n: m.act_bits for n, m in layers.items()}
-    was_training = model.training
-    device = next(model.parameters()).device
     try:
         for m in layers.values():
             m.act_bits = None  # observe float activations
+        _run_with_pre_hooks(model, batches, {m: hook(n) for n, m in layers.items()})
+    finally:
+        for n, m in layers.items():
+            m.act_bits = saved[n]
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def _run_with_pre_hooks(model: nn.Module, batches: list, hooks: Mapping[nn.Module, Callable]) -> None:
+    """Run ``batches`` through ``model`` (eval, no_grad, on its device) with forward pre-hooks attached;
+    hooks and the train/eval mode are restored afterwards."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
+    was_training, device = model.training, next(model.parameters()).device
+    try:
+        model.eval()
         with torch.no_grad():
-            model.eval()
             for batch in batches:
                 model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
     finally:
         for h in handles:
             h.remove()
-        for n, m in layers.items():
-            m.act_bits = saved[n]
         model.train(was_training)
-    return {n: torch.cat(v) for n, v in seen.items()}
 
 
 def calibrate(model: nn.Module, batches: Iterable, calibrator: str = "minmax", *, percentile: float = 99.99) -> nn.Module:
@@ -687,18 +694,8 @@ def correct_bias(model: nn.Module, batches: Iterable) -> nn.Module:
     batches = _check_batches(batches)
     layers = {n: m for n, m in quant_layers(model).items() if m.quantizer == "uniform" and not m.frozen}
     sums: dict[str, list[Tensor]] = {n: [] for n in layers}
-    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: sums[n].append(mod.weight_error_output(inp[0])))
-               for n, m in layers.items()]
-    was_training, device = model.training, next(model.parameters()).device
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_with_pre_hooks(model, batches, {m: (lambda mod, inp, n=n: sums[n].append(mod.weight_error_output(inp[0])))
+                                         for n, m in layers.items()})
     with torch.no_grad():
         for n, m in layers.items():
             shift = torch.stack(sums[n]).mean(0)
