@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PROFILE ?= default
 TORCH_SPEC ?= torch==2.13.0
+# Every other package is pinned by constraints.txt (the versions the committed notebook outputs were made
+# with); `make lock` re-resolves the newest versions and rewrites it.
+CONSTRAINTS ?= constraints.txt
 # Extra pip arguments for the torch install, e.g. an --index-url of PyTorch's CPU-only wheels on a
 # machine without a local CPU wheel (otherwise pip may pick a multi-GB CUDA build).
 TORCH_PIP_ARGS ?=
@@ -12,16 +15,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.survey_lib-installed
 export SURVEY_LIB_PROGRESS ?= 0
 
-.PHONY: workbook test install refresh check clean
+.PHONY: workbook test install refresh check clean lock
 
 install: $(STAMP)
 
 # torch (CPU wheel) goes in first, so nothing later pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 workbook: $(STAMP)
@@ -34,6 +37,19 @@ test: $(STAMP)
 # Maintainers: re-execute notebooks in the default profile and store normalized outputs.
 refresh: $(STAMP)
 	$(BIN)/survey-lib refresh
+
+# Maintainers: resolve the newest versions in a scratch venv and pin them in constraints.txt
+# (torch stays pinned by TORCH_SPEC). Re-run `make refresh` afterwards so the outputs match the pins.
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	build/lock-venv/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	build/lock-venv/bin/python -m pip install --quiet -e ".[test]"
+	{ echo "# Pinned versions for make install (made by make lock with $$(build/lock-venv/bin/python --version))."; \
+	  build/lock-venv/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf build/lock-venv
 
 clean:
 	rm -rf build

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import notebooks as nbtools
 from ._io import atomic_write, atomic_write_text
@@ -27,14 +27,17 @@ class RunOutcome:
     error: str = ""
 
 
-def run_notebook(path: Path, output: Path, profile: str, *, timeout: int = 900) -> RunOutcome:
-    """Execute one notebook with papermill into ``output``, then write its HTML page."""
+def run_notebook(path: Path, output: Path, profile: str, *, timeout: int = 900,
+                 parameters: dict[str, Any] | None = None) -> RunOutcome:
+    """Execute one notebook with papermill into ``output`` (``parameters`` override its parameters cell),
+    then write its HTML page."""
     import papermill as pm
 
     name = path.stem
     output.mkdir(parents=True, exist_ok=True)
     _set_kernel_env(output, name)
     params = {} if profile == "default" else {"profile": profile}
+    params.update(parameters or {})
     start = time.perf_counter()
     try:
         executed = output / f"{name}.ipynb"
@@ -99,11 +102,14 @@ def _load_results(output: Path, name: str) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     """Execute notebooks headless and write the build folder."""
     paths = nbtools.resolve_notebooks(args.notebooks)
+    for path in paths:
+        nbtools.check_parameters(nbtools.read(path), args.parameters, path.stem)
     output = Path(args.output).resolve()
     outcomes = []
     for i, path in enumerate(paths, 1):
-        print(f"[{i}/{len(paths)}] {path.stem} ({args.profile}) ...", flush=True)
-        outcome = run_notebook(path, output, args.profile, timeout=args.timeout)
+        settings = ", ".join([args.profile] + [f"{k}={v!r}" for k, v in args.parameters.items()])
+        print(f"[{i}/{len(paths)}] {path.stem} ({settings}) ...", flush=True)
+        outcome = run_notebook(path, output, args.profile, timeout=args.timeout, parameters=args.parameters)
         outcomes.append(outcome)
         state = "ok" if outcome.ok else "FAILED"
         print(f"[{i}/{len(paths)}] {path.stem}: {state} in {outcome.seconds:.1f} s", flush=True)
@@ -134,7 +140,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Lint committed notebooks: normalized, skeleton present, parameters cell first, no errors."""
     status = 0
-    for path in nbtools.resolve_notebooks(args.notebooks):
+    paths = nbtools.resolve_notebooks(args.notebooks)
+    if not paths:
+        print(f"no notebooks found (NN_name.ipynb) in {nbtools.notebooks_dir()}", file=sys.stderr)
+        return 1
+    for path in paths:
         problems = nbtools.lint(nbtools.read(path))
         for p in problems:
             print(f"{path.name}: {p}")
@@ -143,24 +153,80 @@ def cmd_check(args: argparse.Namespace) -> int:
     return int(status)
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print this machine's CPU, ISA features, kernel level and library versions (as stored with results)."""
+    from .host import describe_host, host_info
+
+    print(json.dumps(host_info(), indent=2, sort_keys=True) if args.json else describe_host())
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {value}")
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A parameter value as papermill's -p reads it: int, float, True/False/None, else the string itself."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+class _ParameterAction(argparse.Action):
+    """Collect ``-p NAME VALUE`` pairs into a dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 - argparse signature
+        name, value = values
+        if not name.isidentifier():
+            parser.error(f"-p NAME VALUE: NAME must be a Python identifier, got {name!r}")
+        if name == "profile":
+            parser.error("-p profile: use --profile (accepted values: " + ", ".join(PROFILES) + ")")
+        params = dict(getattr(namespace, self.dest) or {})
+        params[name] = parse_value(value)
+        setattr(namespace, self.dest, params)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse signature
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``survey-lib``."""
-    parser = argparse.ArgumentParser(prog="survey-lib", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="survey-lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="execute notebooks headless (papermill) into a build folder")
     run.add_argument("notebooks", nargs="*", help="names like 01 or 01_measuring_cost (default: all)")
     run.add_argument("--profile", choices=PROFILES, default="default")
     run.add_argument("--output", default="build", help="folder for executed notebooks, HTML and results")
-    run.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell")
+    run.add_argument("--timeout", type=positive_int, default=900, help="seconds allowed per cell")
+    run.add_argument("-p", "--parameter", nargs=2, metavar=("NAME", "VALUE"), action=_ParameterAction,
+                     dest="parameters", default={},
+                     help="override a parameters-cell value, as papermill's -p does (e.g. -p seed 1 -p dataset digits)")
     run.set_defaults(func=cmd_run)
     refresh = sub.add_parser("refresh", help="re-run notebooks (default profile) and commit-ready outputs")
     refresh.add_argument("notebooks", nargs="*")
     refresh.add_argument("--output", default="build/refresh")
-    refresh.add_argument("--timeout", type=int, default=900)
+    refresh.add_argument("--timeout", type=positive_int, default=900)
     refresh.set_defaults(func=cmd_refresh)
     check = sub.add_parser("check", help="lint committed notebooks")
     check.add_argument("notebooks", nargs="*")
     check.set_defaults(func=cmd_check)
+    info = sub.add_parser("info", help="this machine: CPU, ISA features, kernels, library versions")
+    info.add_argument("--json", action="store_true", help="print the JSON stored with every results file")
+    info.set_defaults(func=cmd_info)
     return parser
 
 

@@ -9,9 +9,11 @@ QGemm, MatMulIntegerToFloat, ...): the MACs then really run in int8 with int32 a
 ``int8_ops`` shows which kernels ORT chose. The .onnx file is the storage format: ``stored_bytes``
 measures it (int8 weights are ~4x smaller than fp32; graph structure and scales are not).
 
-The host is an AVX-512 VNNI + AMX Xeon (DESIGN.md section 5): int8 kernels gain much more here than on a
-typical laptop CPU without VNNI. A first conv with 3 input channels is the exception: its int8 kernel was
-slower than fp32 (95 us vs 42 us on the shapes net), so ``keep_fp32="first"`` keeps it in fp32 by default.
+How much int8 gains depends on the CPU's int8 dot-product instructions (AMX, VNNI, Arm dot-product or
+none: ``survey_lib.host.int8_instructions``), so notebooks measure it and print which the host has. A
+first conv with 3 input channels gains least: its int8 kernel has too little depth to amortize the
+quantize/requantize steps and can be slower than fp32 (``op_profile`` shows it per kernel), so
+``keep_fp32="first"`` keeps it in fp32 by default.
 
 Wrap any ONNX file in ``OnnxModel`` to evaluate it with ``ctx.evaluate`` and time it with
 ``compare_latency(..., runtime="ort")`` beside the fp32 ONNX reference from ``fp32_onnx``.

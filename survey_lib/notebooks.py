@@ -90,6 +90,22 @@ def _lint_parameters(nb: nbformat.NotebookNode) -> list[str]:
     return [f"parameters cell does not set {p!r}" for p in missing]
 
 
+def parameter_names(nb: nbformat.NotebookNode) -> list[str]:
+    """Names assigned in the notebook's ``parameters`` cell (what papermill may override)."""
+    import re
+
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    return re.findall(r"^([A-Za-z_]\w*)\s*=", cells[0].source, flags=re.M) if cells else []
+
+
+def check_parameters(nb: nbformat.NotebookNode, parameters: dict[str, Any], name: str = "notebook") -> None:
+    """ValueError unless every key of ``parameters`` is set in the notebook's parameters cell."""
+    accepted = parameter_names(nb)
+    unknown = [k for k in parameters if k not in accepted]
+    if unknown:
+        raise ValueError(f"{name} has no parameter {unknown[0]!r}; accepted values: {', '.join(accepted) or 'none'}")
+
+
 def read(path: Path) -> nbformat.NotebookNode:
     """Read a notebook as nbformat v4."""
     return nbformat.read(str(path), as_version=4)

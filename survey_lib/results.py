@@ -11,6 +11,7 @@ from typing import Any
 
 from ._io import atomic_write_json
 from ._validate import check_choice
+from .host import host_info
 
 KINDS = ("counted", "measured", "estimated")
 _state: dict[str, str | None] = {"notebook": None}
@@ -32,13 +33,15 @@ def results_dir() -> Path:
 
 
 def use_notebook(notebook: str, *, reset: bool = True) -> Path:
-    """Send later ``record`` calls to ``<results_dir>/<notebook>.json``; ``reset`` drops stale results."""
+    """Send later ``record`` calls to ``<results_dir>/<notebook>.json``; ``reset`` drops stale results.
+
+    The file also stores ``host``: the machine the figures were measured on (``survey_lib.host.host_info``)."""
     if not isinstance(notebook, str) or not notebook or "/" in notebook or "\\" in notebook:
         raise ValueError(f"notebook must be a non-empty file stem without slashes, got {notebook!r}")
     _state["notebook"] = notebook
     path = results_path(notebook)
     if reset:
-        atomic_write_json(path, {"notebook": notebook, "results": {}})
+        atomic_write_json(path, {"notebook": notebook, "host": host_info(), "results": {}})
     return path
 
 
@@ -72,6 +75,7 @@ def record(name: str, value: Any, kind: str, unit: str, **config: Any) -> None:
     }
     notebook = current_notebook()
     data = load(notebook)
+    data.setdefault("host", host_info())
     data["results"][name] = entry
     atomic_write_json(results_path(notebook), data)
 

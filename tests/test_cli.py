@@ -60,3 +60,60 @@ def test_refresh_stores_normalized_outputs_in_place(tmp_path):
     assert nb.cells[1].execution_count == 2
     assert "papermill" not in nb.metadata and "papermill" not in nb.cells[1].metadata
     assert "execution" not in nb.cells[1].metadata
+
+
+def test_run_passes_parameters_to_papermill(tmp_path):
+    nb = _write_notebook(tmp_path / "95_params.ipynb",
+                         "from survey_lib import results\nresults.use_notebook('95_params')\n"
+                         "results.record('seed_seen', seed, kind='counted', unit='', dataset=dataset)")
+    cell = nbformat.read(str(nb), as_version=4)
+    cell.cells[0].source = "profile = 'default'\nseed = 0\ndataset = 'shapes'"
+    nbformat.write(cell, str(nb))
+    out = tmp_path / "b"
+    assert cli.main(["run", str(nb), "--output", str(out), "-p", "seed", "3", "-p", "dataset", "digits"]) == 0
+    data = json.loads((out / "results" / "95_params.json").read_text())
+    assert data["results"]["seed_seen"]["value"] == 3
+    assert data["results"]["seed_seen"]["config"] == {"dataset": "digits"}
+    assert data["host"]["cpu_model"] and "features" in data["host"]  # every results file says where it ran
+
+
+def test_parse_value_reads_like_papermill():
+    assert cli.parse_value("3") == 3 and cli.parse_value("0.5") == 0.5
+    assert cli.parse_value("True") is True and cli.parse_value("None") is None
+    assert cli.parse_value("digits") == "digits"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "00", "--timeout", "-5"], "--timeout"),
+    (["run", "00", "--timeout", "abc"], "--timeout"),
+    (["run", "00", "-p", "1x", "2"], "identifier"),
+    (["run", "00", "-p", "profile", "full"], "--profile"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_notebook_parameter_names_the_accepted_ones(capsys):
+    assert cli.main(["run", "00", "-p", "sed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'sed'" in err and "accepted values" in err and "seed" in err
+
+
+def test_check_fails_without_notebooks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.nbtools, "notebooks_dir", lambda: tmp_path)
+    monkeypatch.setattr(cli.nbtools, "list_notebooks", lambda folder=None: [])
+    assert cli.main(["check"]) == 1
+    assert "no notebooks found" in capsys.readouterr().err
+
+
+def test_info_prints_the_host(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and "torch" in out
+    assert cli.main(["info", "--json"]) == 0
+    assert "features" in json.loads(capsys.readouterr().out)

@@ -249,8 +249,9 @@ def test_packed_file_round_trip(trained, ctx, bits, tmp_path):
 # ---------------------------------------------------------------------------------------------- QAT
 @pytest.mark.parametrize("quantizer,bits", [("uniform", 4), ("lsq", 4), ("binary", 1), ("ternary", 2)])
 def test_qat_trains_and_freezes(trained, ctx, quantizer, bits, tmp_path):
+    # 3 epochs at lr 1e-3: binary QAT needs them on every CPU (1 epoch at 1e-4 stayed at chance on some).
     snap = snapshot(trained)
-    q = Q.qat(trained, ctx, bits=4, quantizer=quantizer, epochs=1, lr=1e-4)
+    q = Q.qat(trained, ctx, bits=4, quantizer=quantizer, epochs=3, lr=1e-3)
     assert_unchanged(trained, snap)
     names = Q.quantizable_layers(trained)
     inner = Q.quant_layers(q)[names[1]]
@@ -261,7 +262,7 @@ def test_qat_trains_and_freezes(trained, ctx, quantizer, bits, tmp_path):
     loaded = load_packed(stored_bytes(q, path=tmp_path / "q.packed").path)
     assert torch.equal(loaded[f"{names[1]}.weight"], inner.weight)
     score = ctx.score(q)
-    assert np.isfinite(score) and score > 1.5 / ctx.task.num_classes  # better than chance
+    assert np.isfinite(score) and score > 3 / ctx.task.num_classes, f"{quantizer}: {score} vs chance 0.1"
     assert "training" in q.compression["changes"]
 
 

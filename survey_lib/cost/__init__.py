@@ -9,9 +9,11 @@ from .counting import count, trace
 from .hardware import (
     HARDWARE_NAMES,
     HardwareProfile,
+    describe_host,
     estimate_energy,
     estimate_latency,
     get_hardware,
+    host_info,
     host_profile,
     roofline_points,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "HardwareProfile",
     "get_hardware",
     "host_profile",
+    "host_info",
+    "describe_host",
     "estimate_latency",
     "estimate_energy",
     "roofline_points",

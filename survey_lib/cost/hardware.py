@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from .._io import atomic_write_json
+from ..host import describe_host, host_info  # re-exported: the host's CPU features beside its roofline
 from .._validate import check_choice, check_float
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -337,4 +338,6 @@ __all__ = [
     "estimate_energy",
     "roofline_points",
     "cache_path",
+    "host_info",
+    "describe_host",
 ]

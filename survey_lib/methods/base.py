@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -77,6 +78,12 @@ class Context:
     def score(self, model: nn.Module, split: str = "test") -> float:
         """The task's primary metric of ``model`` on ``split``."""
         return self.evaluate(model, split)[self.task.primary_metric]
+
+    def correct(self, model: nn.Module, split: str = "test") -> np.ndarray:
+        """Per-image correctness of a classifier on ``split`` (for paired confidence intervals)."""
+        from ..stats import correct_per_image
+
+        return correct_per_image(model, self.task, getattr(self.data, check_choice("split", split, ("train", "val", "test"))))
 
     def example_input(self, batch: int = 1, split: str = "test") -> Tensor:
         """The first ``batch`` inputs of ``split``, stacked."""

@@ -478,9 +478,10 @@ def keep_plan(groups: Sequence[Group], scores: Mapping[int, Tensor], ratio: floa
     Per group, ``round(ratio * size)`` channels go; globally, ``round(ratio * total)`` channels with the lowest
     scores across all groups go. Either way every group keeps at least ``min(size, min_channels)``; the kept
     count is then rounded to the nearest multiple of ``round_to`` (never below that floor, never above the
-    size). Measured with ONNX Runtime on this AVX-512 host (shapes VGG, 1 thread): channels 21/42/83 (2.3x
-    fewer MACs) ran no faster than 32/64/128, while 16/48/80 (2.45x fewer MACs) ran 2x faster, so
-    ``round_to=16`` is what turns a MAC reduction into a latency reduction here.
+    size). SIMD kernels work on blocks of channels (8 or 16 fp32 lanes on AVX2/AVX-512, 4 on NEON), so odd
+    channel counts can waste a whole block: on one AVX-512 machine, with ONNX Runtime (shapes VGG, 1 thread),
+    channels 21/42/83 (2.3x fewer MACs) ran no faster than 32/64/128, while 16/48/80 ran 2x faster.
+    Measure it on your host (notebook 02) before relying on ``round_to``.
     """
     ratio = check_ratio(ratio)
     check_int("min_channels", min_channels, min_value=1)
@@ -597,7 +598,7 @@ def l1_filter_prune(
 
     ``prune_residual=False`` leaves channels coupled by additions (residual streams) intact; ``ignore`` lists
     module-name prefixes whose output channels stay (e.g. ``("head",)``); ``round_to`` rounds every kept
-    channel count to a multiple (16 suits this host's AVX-512 kernels). Returns a smaller dense model.
+    channel count to a multiple (e.g. 16, a whole SIMD block on AVX-512). Returns a smaller dense model.
     """
     ratio = check_ratio(ratio)
     check_int("min_channels", min_channels, min_value=1)
