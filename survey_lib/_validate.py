@@ -73,3 +73,62 @@ def check_model(model: Any) -> Any:
     from torch import nn
 
     return check_type("model", model, nn.Module, "a torch.nn.Module")
+
+
+def check_bool(param: str, value: Any) -> bool:
+    """Raise TypeError unless ``value`` is True or False; return it."""
+    return check_type(param, value, bool, "True or False")
+
+
+def check_tensor(param: str, value: Any, *, ndim: int | tuple[int, ...] | None = None, shape: str = "") -> Any:
+    """TypeError unless ``value`` is a torch.Tensor; ValueError unless it has ``ndim`` dims (``shape`` names them)."""
+    import torch
+
+    check_type(param, value, torch.Tensor, "a torch.Tensor" + (f" of shape {shape}" if shape else ""))
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if dims is not None and value.dim() not in dims:
+        raise ValueError(f"{param} must have shape {shape or f'with {ndim} dims'}, got {tuple(value.shape)}")
+    return value
+
+
+def check_finite(param: str, value: Any) -> Any:
+    """Raise ValueError if the tensor ``value`` holds NaN or inf; return it."""
+    import torch
+
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{param} must be finite: it holds NaN or inf")
+    return value
+
+
+def check_labels(param: str, value: Any, num_classes: int) -> Any:
+    """Raise TypeError unless ``value`` is an integer tensor, ValueError unless its classes lie in [0, num_classes)."""
+    import torch
+
+    check_tensor(param, value)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{param} must hold integer class indices (e.g. int64), got {value.dtype}")
+    lo, hi = (int(value.min()), int(value.max())) if value.numel() else (0, 0)
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{param} holds class {lo if lo < 0 else hi}; accepted classes: 0..{num_classes - 1} "
+                         f"(the task has {num_classes} classes)")
+    return value
+
+
+def check_mapping(param: str, value: Any, expected: str) -> Any:
+    """Raise TypeError naming ``param`` and ``expected`` unless ``value`` is a Mapping (a dict)."""
+    from collections.abc import Mapping
+
+    return check_type(param, value, Mapping, expected)
+
+
+def run_forward(model: Any, x: Any, param: str = "example_input") -> Any:
+    """``model(x)``; a shape/dtype mismatch (RuntimeError/IndexError in torch) becomes a ValueError naming ``param``."""
+    try:
+        return model(x)
+    except (RuntimeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{param} of shape {tuple(getattr(x, 'shape', ()))} ({getattr(x, 'dtype', type(x).__name__)}) "
+            f"does not fit model: {first} "
+            "(dim 0 is the batch: pass x.unsqueeze(0) for a single example)"
+        ) from err

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._validate import check_choice, check_float, check_int, check_seed
+from ._io import as_path, not_valid, reading
+from ._validate import check_bool, check_choice, check_float, check_int, check_mapping, check_seed, check_type
 
 DATASETS = ("digits", "shapes", "cifar10")
 TASKS = ("classification", "regression", "detection", "segmentation")
@@ -115,6 +116,8 @@ def load(
             f"classes= is only supported for task='classification', got task={task!r} "
             "(a class subset of a detection/segmentation/regression scene is not defined)"
         )
+    if root is not None:
+        as_path(root, "root")
     if name == "digits":
         return _load_digits(seed, n, classes, image_size, val_fraction, test_fraction)
     if name == "shapes":
@@ -124,7 +127,10 @@ def load(
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     """A deterministic DataLoader: no worker processes, shuffling driven by a generator seeded with ``seed``."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or isinstance(dataset, (str, bytes)):
+        raise TypeError(f"dataset must be a map-style dataset (e.g. a TensorDataset), got {type(dataset).__name__}")
     check_int("batch_size", batch_size, min_value=1)
+    check_bool("shuffle", shuffle)
     check_seed(seed)
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -132,14 +138,23 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int =
 
 
 def subset_classes(dataset: TensorDataset, classes: Sequence[int]) -> TensorDataset:
-    """Keep the examples whose label (second tensor) is in ``classes``; relabel them 0..k-1 in that order."""
-    labels = dataset.tensors[1]
-    if labels.dtype != torch.int64 or labels.dim() != 1:
+    """Keep the examples whose label (second tensor) is in ``classes``; relabel them 0..k-1 in that order.
+
+    ``classes`` are distinct class indices, each with at least one example (as in ``load(classes=...)``)."""
+    check_type("dataset", dataset, TensorDataset, "a TensorDataset of (inputs, int64 labels)")
+    labels = dataset.tensors[1] if len(dataset.tensors) >= 2 else None
+    if labels is None or labels.dtype != torch.int64 or labels.dim() != 1:
         raise ValueError("subset_classes needs a classification dataset (int64 label vector as second tensor)")
-    lookup = torch.full((int(labels.max().item()) + 1 if len(labels) else 1,), -1, dtype=torch.int64)
-    for new, old in enumerate(classes):
-        if 0 <= old < len(lookup):
-            lookup[old] = new
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"dataset holds label {int(labels.min())}; class labels must be >= 0")
+    ids = [check_int("classes", c, min_value=0) for c in _class_list(classes)]
+    _check_distinct(classes, ids)
+    present = set(labels.unique().tolist())
+    absent = [c for c in ids if c not in present]
+    if absent:
+        raise ValueError(f"classes {absent} have no example in dataset; its labels are {sorted(present)}")
+    lookup = torch.full((max(present) + 1,), -1, dtype=torch.int64)
+    lookup[ids] = torch.arange(len(ids))
     new_labels = lookup[labels]
     keep = new_labels >= 0
     return TensorDataset(dataset.tensors[0][keep], new_labels[keep])
@@ -297,9 +312,17 @@ def _shape_labels(
     }
 
 
+_TARGET_KEYS = {"classification": ("label",), "regression": ("count",), "detection": ("boxes", "box_labels"),
+                "segmentation": ("masks",)}
+
+
 def shapes_target(scenes: dict[str, np.ndarray], task: str) -> torch.Tensor:
     """The target tensor of ``task`` for scenes from :func:`make_shapes` (see the module docstring)."""
     check_choice("task", task, TASKS)
+    check_mapping("scenes", scenes, "the dict returned by make_shapes")
+    missing = [k for k in _TARGET_KEYS[task] if not isinstance(scenes.get(k), np.ndarray)]
+    if missing:
+        raise ValueError(f"scenes lacks the array(s) {missing} that task={task!r} needs: pass make_shapes(...)'s dict")
     if task == "classification":
         return torch.from_numpy(scenes["label"])
     if task == "regression":
@@ -352,8 +375,7 @@ def _load_cifar10(seed, n, classes, root, image_size, val_fraction, test_fractio
     directory = _cifar10_dir(root)
     train_x, train_y = _read_cifar_batches(directory, [f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = _read_cifar_batches(directory, ["test_batch"])
-    meta = _read_pickle(directory / "batches.meta")
-    names = tuple(_to_str(s) for s in meta.get("label_names", meta.get(b"label_names", CIFAR10_CLASSES)))
+    names = _cifar_class_names(directory)
     rng = np.random.default_rng(seed)
     if n is not None:
         n_test = min(len(test_y), int(round(n * test_fraction)))
@@ -411,19 +433,31 @@ def _finish(
     return Splits(datasets["train"], datasets["val"], datasets["test"], info)
 
 
+def _class_list(classes: Any) -> Sequence[Any]:
+    """``classes`` if it is a non-empty sequence (not a str); TypeError or ValueError otherwise."""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise TypeError(f"classes must be a non-empty list of class indices or names, got {type(classes).__name__} "
+                        f"({classes!r})")
+    if len(classes) == 0:
+        raise ValueError("classes must be a non-empty list of class indices or names, got an empty list")
+    return classes
+
+
+def _check_distinct(classes: Sequence[Any], ids: list[int]) -> None:
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"classes={list(classes)!r} contains a class twice")
+
+
 def _resolve_classes(classes: Sequence[int | str], class_names: Sequence[str]) -> list[int]:
     """Class indices from indices or names; raise on unknown, out-of-range or repeated classes."""
-    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence) or len(classes) == 0:
-        raise ValueError(f"classes must be a non-empty list of class indices or names, got {classes!r}")
     ids = []
-    for c in classes:
+    for c in _class_list(classes):
         if isinstance(c, str):
             check_choice("classes", c, class_names)
             ids.append(class_names.index(c))
         else:
             ids.append(check_int("classes", c, min_value=0, max_value=len(class_names) - 1))
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"classes={list(classes)!r} contains a class twice")
+    _check_distinct(classes, ids)
     return ids
 
 
@@ -543,24 +577,66 @@ def _cifar10_dir(root: str | os.PathLike | None) -> Path:
     return directory
 
 
+# What a CIFAR-10 python batch pickle may refer to: NumPy arrays and dtypes, and the bytes codec of protocol 2.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, strings, numbers and NumPy arrays (no other objects)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise ValueError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        obj = pickle.load(fh, encoding="bytes")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{str(path)!r} is not a CIFAR-10 pickle (expected a dict)")
-    return {_to_str(k): v for k, v in obj.items()}
+    """A CIFAR-10 python pickle as a dict with str keys; ValueError naming the file if it is not one."""
+    with open(path, "rb") as fh, reading(path, "CIFAR-10 python pickle"):
+        obj = _CifarUnpickler(fh, encoding="bytes").load()
+        if not isinstance(obj, dict):
+            raise not_valid(path, "CIFAR-10 python pickle", f"expected a dict, got {type(obj).__name__}")
+        return {_to_str(k): v for k, v in obj.items()}
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 3, 32, 32) uint8, labels (n,) int64) of one CIFAR-10 batch file."""
+    batch = _read_pickle(path)
+    fmt = "CIFAR-10 batch"
+    if "data" not in batch or "labels" not in batch:
+        raise not_valid(path, fmt, "it lacks the 'data' and 'labels' entries of a CIFAR-10 batch")
+    with reading(path, fmt):
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch["labels"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise not_valid(path, fmt, f"'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (data.shape[0],):
+            raise not_valid(path, fmt, f"'labels' must be {data.shape[0]} integers, got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+            raise not_valid(path, fmt, f"labels must lie in 0..{len(CIFAR10_CLASSES) - 1}, got {labels.min()}..{labels.max()}")
+        return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _read_cifar_batches(directory: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for name in names:
-        batch = _read_pickle(directory / name)
-        if "data" not in batch or "labels" not in batch:
-            raise ValueError(f"{str(directory / name)!r} lacks the 'data' and 'labels' entries of a CIFAR-10 batch")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["labels"], dtype=np.int64))
-    return np.concatenate(xs), np.concatenate(ys)
+    parts = [_read_cifar_batch(directory / name) for name in names]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def _cifar_class_names(directory: Path) -> tuple[str, ...]:
+    """The ten class names of batches.meta (the standard names when it lists none)."""
+    path = directory / "batches.meta"
+    meta = _read_pickle(path)
+    names = meta.get("label_names", CIFAR10_CLASSES)
+    with reading(path, "CIFAR-10 batches.meta"):
+        names = tuple(_to_str(s) for s in names)
+    if len(names) != len(CIFAR10_CLASSES) or len(set(names)) != len(names):
+        raise not_valid(path, "CIFAR-10 batches.meta", f"label_names must be 10 distinct names, got {list(names)}")
+    return names
 
 
 def _to_str(s: Any) -> str:

@@ -39,9 +39,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write
+from ._io import as_path, atomic_write
 from ._validate import check_choice, check_int, check_model, check_type
-from .cost.latency import _quiet, check_ort_matches, export_onnx, ort_session
+from .cost.latency import _quiet, check_ort_matches, export_onnx, ort_run, ort_session
 from .cost.storage import register_format
 from .methods.base import Context, check_ctx, mark
 
@@ -65,12 +65,9 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
         super().__init__()
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
-        self.onnx_path = path
+        self.onnx_path = as_path(path)
         self.threads = check_int("threads", threads, min_value=1, max_value=256)
-        self._session: Any = None
+        self._session: Any = ort_session(self.onnx_path, self.threads)  # a bad file fails here, naming itself
 
     @property
     def session(self) -> Any:
@@ -81,9 +78,7 @@ class OnnxModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Run the session on ``x`` (as float32); one output tensor, or a tuple of several."""
-        sess = self.session
-        feed = {sess.get_inputs()[0].name: x.detach().cpu().to(torch.float32).contiguous().numpy()}
-        outs = [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)]
+        outs = [torch.from_numpy(np.asarray(o)) for o in ort_run(self.session, x)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -136,7 +131,7 @@ def _target_paths(path: str | os.PathLike | None) -> tuple[Path, Path]:
 
 
 def _check_path(path: Any) -> Path:
-    return Path(check_type("path", path, (str, os.PathLike), "a str or os.PathLike (or None)"))
+    return as_path(path, "path")
 
 
 def _example(ctx_or_example: Context | Tensor) -> Tensor:
@@ -158,6 +153,7 @@ def fp32_onnx(
 ) -> OnnxModel:
     """The fp32 ONNX export of ``model`` (symbolic batch) as an OnnxModel: the reference for int8."""
     check_model(model)
+    check_int("threads", threads, min_value=1, max_value=256)
     example = _example(ctx_or_example)
     target = _tmp_dir() / "model.fp32.onnx" if path is None else _check_path(path)
     return OnnxModel(_export(model, example, target), threads)
@@ -171,6 +167,7 @@ def calibration_batches(ctx: Context, n: int, batch: int = CALIBRATION_BATCH) ->
 
     The last batch is topped up with the first inputs again: ORT's histogram calibrators (percentile,
     entropy, distribution) stack all batches, so they must share one shape."""
+    check_ctx(ctx)
     train = ctx.data.train
     if len(train) == 0:
         raise ValueError("calibration needs data: ctx.data.train is empty")
@@ -198,9 +195,15 @@ def _reader(input_name: str, batches: list[np.ndarray]) -> Any:
     return _Reader()
 
 
+def _check_graph(graph: Any) -> Any:
+    if not (hasattr(graph, "node") and hasattr(graph, "input")):
+        raise TypeError(f"graph must be an ONNX GraphProto (onnx.load(path).graph), got {type(graph).__name__}")
+    return graph
+
+
 def mac_nodes(graph: Any) -> list[str]:
     """Names of the Conv/Gemm/MatMul nodes of an ONNX graph, in graph order."""
-    return [n.name for n in graph.node if n.op_type in MAC_OPS]
+    return [n.name for n in _check_graph(graph).node if n.op_type in MAC_OPS]
 
 
 def first_mac_nodes(graph: Any) -> list[str]:
@@ -208,7 +211,7 @@ def first_mac_nodes(graph: Any) -> list[str]:
 
     An MLP's first Gemm reads a flattened copy of the input and has a long reduction dimension, where
     int8 pays off, so it is not one of them."""
-    inputs = {i.name for i in graph.input}
+    inputs = {i.name for i in _check_graph(graph).input}
     return [n.name for n in graph.node if n.op_type in MAC_OPS and inputs.intersection(n.input)]
 
 
@@ -344,8 +347,9 @@ def op_profile(model: OnnxModel, x: Tensor, *, runs: int = 50, threads: int = 1)
     check_int("runs", runs, min_value=1)
     with tempfile.TemporaryDirectory(prefix="survey_lib_prof_") as d:
         sess = ort_session(model.onnx_path, threads, profile_prefix=Path(d) / "prof")
-        feed = {sess.get_inputs()[0].name: x.detach().to("cpu", torch.float32).numpy()}
-        for _ in range(5 + runs):
+        ort_run(sess, x)  # a clear ValueError for an input that does not fit
+        feed = {sess.get_inputs()[0].name: x.detach().to("cpu", torch.float32).contiguous().numpy()}
+        for _ in range(4 + runs):
             sess.run(None, feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_choice, check_float, check_int, check_mapping, check_model, check_type
 from .tasks import Task
 
 ARCHS = ("mlp", "vgg", "resnet", "mobilenet")
@@ -31,12 +31,17 @@ STAGE_CHANNELS = {"vgg": (32, 64, 128), "resnet": (32, 64, 128), "mobilenet": (6
 MLP_HIDDEN = 256
 MIN_FEATURE = 4
 MIN_IMAGE_SIZE = 4
+MIN_CHANNELS = 4              # no layer is narrower: widths that would go below it are rejected
+MAX_WIDTH = 64.0
 
 
 class TaskModel(nn.Module):
     """``backbone`` (image -> feature map) followed by the task's ``head``."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, config: dict[str, Any]) -> None:
+        check_type("backbone", backbone, nn.Module, "a torch.nn.Module")
+        check_type("head", head, nn.Module, "a torch.nn.Module")
+        check_mapping("config", config, "a dict of the build settings")
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -62,10 +67,13 @@ def build_model(
         raise TypeError(f"task must be a survey_lib.tasks.Task (see get_task), got {type(task).__name__}")
     check_choice(f"task (for arch {arch!r})", task.name, ARCH_TASKS[arch])
     check_int("in_channels", in_channels, min_value=1)
-    check_float("width", width, min_value=1e-3, max_value=64.0)
+    _check_width(arch, width)
     depth = DEFAULT_DEPTH[arch] if depth is None else check_int("depth", depth, min_value=1, max_value=16)
     size = task.image_size if image_size is None else image_size
     check_int("image_size", size, min_value=MIN_IMAGE_SIZE)
+    if task.name in ("detection", "segmentation") and size != task.image_size:
+        raise ValueError(f"image_size={size} differs from the {task.name} task's image_size={task.image_size}: its head "
+                         "maps to the task's pixel grid; pass image_size=None or build the task at this size")
     backbone, channels = _BACKBONES[arch](in_channels, width, depth, size)
     config = {
         "arch": arch, "task": task.name, "in_channels": in_channels, "width": float(width),
@@ -74,22 +82,55 @@ def build_model(
     return TaskModel(backbone, task.head(channels), config)
 
 
+def min_width(arch: str) -> float:
+    """The smallest ``width`` at which every layer of ``arch`` keeps at least MIN_CHANNELS channels."""
+    check_choice("arch", arch, ARCHS)
+    narrowest = MLP_HIDDEN if arch == "mlp" else min(STAGE_CHANNELS[arch] + (32,) * (arch == "mobilenet"))
+    return (MIN_CHANNELS - 0.5) / narrowest  # round() reaches MIN_CHANNELS from here on
+
+
+def _check_width(arch: str, width: Any) -> float:
+    """``width`` as a float in [min_width(arch), MAX_WIDTH]; ValueError naming the smallest accepted width otherwise.
+
+    Below ``min_width`` layers would be floored at MIN_CHANNELS, so the network would no longer be ``arch``
+    scaled by ``width``: such widths are rejected rather than recorded as something that was not built."""
+    lo = min_width(arch)
+    width = check_float("width", width)
+    if not lo <= width <= MAX_WIDTH:
+        raise ValueError(f"width={width!r} is out of range for arch {arch!r}; accepted: {lo!r} <= width <= {MAX_WIDTH!r} "
+                         f"(below {lo!r} a layer would have fewer than {MIN_CHANNELS} channels)")
+    return width
+
+
 def num_downsamplings(image_size: int, max_down: int = 3) -> int:
     """How many 2x downsamplings keep the final feature map at least 4x4."""
+    check_int("image_size", image_size, min_value=1)
+    check_int("max_down", max_down, min_value=0)
     return max(0, min(max_down, int(math.floor(math.log2(image_size / MIN_FEATURE)))))
 
 
 def count_params(model: nn.Module) -> int:
     """Number of weights and biases."""
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in check_model(model).parameters())
 
 
 def _scaled(channels: int, width: float) -> int:
-    return max(4, int(round(channels * width)))
+    return int(round(channels * width))
+
+
+def _check_conv_args(cin: Any, cout: Any, stride: Any, groups: Any = 1) -> None:
+    check_int("cin", cin, min_value=1)
+    check_int("cout", cout, min_value=1)
+    check_int("stride", stride, min_value=1)
+    check_int("groups", groups, min_value=1)
+    if cin % groups or cout % groups:
+        raise ValueError(f"groups={groups} must divide cin={cin} and cout={cout}")
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Conv (no bias) -> BatchNorm -> ReLU."""
+    _check_conv_args(cin, cout, stride, groups)
+    check_int("kernel", kernel, min_value=1)
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -117,6 +158,8 @@ def _mlp(in_channels: int, width: float, depth: int, size: int) -> tuple[nn.Modu
 # ----------------------------------------------------------------------------------------------------------
 def vgg_layout(width: float, depth: int, image_size: int) -> list[int | str]:
     """The VGG config list, e.g. [32, 32, 'M', 64, 64, 'M', 128, 128, 'M'] at 32x32."""
+    _check_width("vgg", width)
+    check_int("depth", depth, min_value=1)
     pools = num_downsamplings(image_size)
     layout: list[int | str] = []
     for stage, channels in enumerate(STAGE_CHANNELS["vgg"]):
@@ -146,6 +189,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus an identity (or 1x1 conv-BN projection) shortcut."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        _check_conv_args(cin, cout, stride)
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -185,6 +229,7 @@ class DepthwiseSeparable(nn.Module):
     """Depthwise 3x3 conv-BN-ReLU then pointwise 1x1 conv-BN-ReLU (MobileNet v1 block)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        _check_conv_args(cin, cout, stride)
         super().__init__()
         self.depthwise = conv_bn_relu(cin, cin, 3, stride=stride, groups=cin)
         self.pointwise = conv_bn_relu(cin, cout, 1)
@@ -215,8 +260,7 @@ BLOCK_KINDS = ("dense", "depthwise_separable")
 def conv_block(kind: str, cin: int, cout: int, stride: int = 1) -> nn.Module:
     """A single 3x3 conv-BN-ReLU ("dense") or its depthwise-separable counterpart, for cost demos."""
     check_choice("kind", kind, BLOCK_KINDS)
-    check_int("cin", cin, min_value=1)
-    check_int("cout", cout, min_value=1)
+    _check_conv_args(cin, cout, stride)
     if kind == "dense":
         return conv_bn_relu(cin, cout, 3, stride=stride)
     return DepthwiseSeparable(cin, cout, stride)

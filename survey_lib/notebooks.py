@@ -14,6 +14,10 @@ SKELETON = ("Goals", "Setup", "Summary", "Exercises")
 VOLATILE_CELL_METADATA = ("papermill", "execution", "collapsed", "scrolled", "ExecuteTime")
 VOLATILE_NOTEBOOK_METADATA = ("papermill", "widgets", "toc", "varInspector")
 PARAMETER_NAMES = ("profile", "seed", "dataset", "device")
+# Test machinery stays out of the lesson: these phrases belong in an issue, not in a notebook.
+MACHINERY_PHRASES = ("issue target", "(target", "target met", "target reached")
+# Every Setup prints the machine it runs on (survey_lib.host), so timings are never read without it.
+HOST_CALL = "describe_host("
 
 
 def notebooks_dir() -> Path:
@@ -77,6 +81,11 @@ def lint(nb: nbformat.NotebookNode) -> list[str]:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.outputs):
             problems.append(f"cell {i} carries an error output")
+        found = [p for p in MACHINERY_PHRASES if p in cell.source.lower()]
+        if found:
+            problems.append(f"cell {i} mentions test machinery ({found[0]!r}): keep it out of the lesson")
+    if not any(c.cell_type == "code" and HOST_CALL in c.source for c in nb.cells):
+        problems.append("Setup does not print the host: call survey_lib.host.describe_host()")
     if not any(c.cell_type == "code" and c.outputs for c in nb.cells):
         problems.append("no outputs: committed notebooks carry the outputs of the default profile")
     return problems

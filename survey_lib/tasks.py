@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_choice, check_finite, check_float, check_int, check_labels, check_tensor, check_type
 
 TASK_NAMES = ("classification", "regression", "detection", "segmentation")
 
@@ -55,10 +55,11 @@ class Task:
     name: str = ""
     primary_metric: str = ""
     higher_is_better: bool = True
+    min_classes: int = 1
 
     def __init__(self, num_classes: int, image_size: int = 32) -> None:
-        self.num_classes = num_classes
-        self.image_size = image_size
+        self.num_classes = check_int("num_classes", num_classes, min_value=self.min_classes)
+        self.image_size = check_int("image_size", image_size, min_value=1)
 
     def head(self, in_channels: int) -> nn.Module:
         """A fresh head mapping a feature map with ``in_channels`` channels to the task output."""
@@ -78,6 +79,8 @@ class Task:
 
     def better(self, a: float, b: float) -> bool:
         """True if primary-metric value ``a`` is better than ``b``."""
+        check_float("a", a)
+        check_float("b", b)
         return a > b if self.higher_is_better else a < b
 
     def __repr__(self) -> str:
@@ -114,13 +117,34 @@ def get_task(
 
 def task_for(splits: Any, **kwargs: Any) -> Task:
     """The task matching ``splits.info``; for regression the target statistics come from the train split."""
-    info = splits.info
+    info = getattr(splits, "info", None)
+    if info is None:
+        raise TypeError(f"splits must be a survey_lib.data.Splits (from load), got {type(splits).__name__}")
     if info.task == "regression":
         targets = splits.train.tensors[1].float()
         std = float(targets.std()) if len(targets) > 1 else 1.0
         kwargs.setdefault("target_mean", float(targets.mean()) if len(targets) else 0.0)
         kwargs.setdefault("target_std", std if std > 1e-6 else 1.0)
     return get_task(info.task, num_classes=info.num_classes, image_size=info.image_size, **kwargs)
+
+
+def check_output(output: Any, shape: str, channels: int) -> Tensor:
+    """``output`` as a tensor of ``shape`` (dim 0 the batch, at least one example) with ``channels`` in dim 1."""
+    check_tensor("output", output, ndim=shape.count(",") + 1, shape=shape)
+    if output.shape[0] == 0 or output.shape[1] != channels:
+        raise ValueError(f"output must have shape {shape} with {channels} in dim 1 (the task's head) and at "
+                         f"least one example, got {tuple(output.shape)}")
+    return output
+
+
+def _check_target_shape(target: Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(f"target of shape {tuple(target.shape)} does not match output: expected {tuple(shape)} ({what})")
+
+
+def _check_seen(n: int) -> None:
+    if n == 0:
+        raise ValueError("no examples seen: call update(output, target) before compute()")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,31 +156,43 @@ class ClassificationTask(Task):
     name = "classification"
     primary_metric = "accuracy"
     higher_is_better = True
+    min_classes = 2
 
     def head(self, in_channels: int) -> nn.Module:
         """Pool, flatten, Linear to the class logits."""
+        check_int("in_channels", in_channels, min_value=1)
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, self.num_classes))
+
+    def check_batch(self, output: Tensor, target: Tensor) -> Tensor:
+        """ValueError/TypeError unless ``output`` is (B, num_classes) logits and ``target`` (B,) class indices."""
+        check_output(output, "(B, num_classes)", self.num_classes)
+        check_labels("target", target, self.num_classes)
+        _check_target_shape(target, output.shape[:1], "one class index per example")
+        return target.long()
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy of the logits."""
-        return F.cross_entropy(output, target)
+        return F.cross_entropy(output, self.check_batch(output, target))
 
     def metric_state(self) -> MetricState:
         """Accuracy accumulator."""
-        return _AccuracyState()
+        return _AccuracyState(self)
 
 
 class _AccuracyState(MetricState):
-    def __init__(self) -> None:
+    def __init__(self, task: ClassificationTask) -> None:
+        self.task = task
         self.correct = 0
         self.total = 0
 
     def update(self, output: Tensor, target: Tensor) -> None:
+        target = self.task.check_batch(output, target)
         self.correct += int((output.argmax(dim=1) == target).sum())
         self.total += int(target.numel())
 
     def compute(self) -> dict[str, float]:
-        return {"accuracy": self.correct / max(1, self.total)}
+        _check_seen(self.total)
+        return {"accuracy": self.correct / self.total}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,25 +212,40 @@ class RegressionTask(Task):
 
     def head(self, in_channels: int) -> nn.Module:
         """Pool, flatten, Linear(1) whose bias starts at the target mean."""
-        linear = nn.Linear(in_channels, 1)
+        linear = nn.Linear(check_int("in_channels", in_channels, min_value=1), 1)
         with torch.no_grad():
             linear.bias.fill_(self.target_mean)
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
 
+    def check_batch(self, output: Tensor, target: Tensor) -> Tensor:
+        """ValueError/TypeError unless ``output`` is (B, 1) and ``target`` holds B real numbers; the target as output's shape."""
+        check_tensor("output", output, ndim=(1, 2), shape="(B, 1)")
+        if output.shape[0] == 0 or output.numel() != output.shape[0]:
+            raise ValueError(f"output must have shape (B, 1) (one prediction per example, B >= 1), got {tuple(output.shape)}")
+        check_tensor("target", target)
+        if target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold real numbers, got {target.dtype}")
+        if target.numel() != output.shape[0] or (target.dim() > 0 and target.shape[0] != output.shape[0]):
+            raise ValueError(f"target of shape {tuple(target.shape)} does not match output {tuple(output.shape)}: "
+                             "expected one value per example, (B,) or (B, 1)")
+        return target.reshape(output.shape)
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean squared standardized error."""
-        return F.mse_loss(output / self.target_std, target.reshape(output.shape) / self.target_std)
+        target = self.check_batch(output, target)
+        return F.mse_loss(output / self.target_std, target / self.target_std)
 
     def metric_state(self) -> MetricState:
-        """MAE / RMSE / R² accumulator."""
-        return _RegressionState()
+        """MAE / RMSE / R² accumulator (R² is NaN when the targets seen have no variance)."""
+        return _RegressionState(self)
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "target_mean": self.target_mean, "target_std": self.target_std}
 
 
 class _RegressionState(MetricState):
-    def __init__(self) -> None:
+    def __init__(self, task: RegressionTask) -> None:
+        self.task = task
         self.n = 0
         self.abs_err = 0.0
         self.sq_err = 0.0
@@ -202,6 +253,7 @@ class _RegressionState(MetricState):
         self.sum_t2 = 0.0
 
     def update(self, output: Tensor, target: Tensor) -> None:
+        target = self.task.check_batch(output, target)
         out = output.detach().double().reshape(-1)
         t = target.detach().double().reshape(-1)
         self.n += t.numel()
@@ -211,7 +263,8 @@ class _RegressionState(MetricState):
         self.sum_t2 += float((t**2).sum())
 
     def compute(self) -> dict[str, float]:
-        n = max(1, self.n)
+        _check_seen(self.n)
+        n = self.n
         total = self.sum_t2 - self.sum_t**2 / n
         r2 = 1.0 - self.sq_err / total if total > 0 else float("nan")
         return {"mae": self.abs_err / n, "rmse": math.sqrt(self.sq_err / n), "r2": r2}
@@ -226,9 +279,11 @@ class SegmentationTask(Task):
     name = "segmentation"
     primary_metric = "miou"
     higher_is_better = True
+    min_classes = 2
 
     def head(self, in_channels: int) -> nn.Module:
         """conv3x3-BN-ReLU, conv1x1 to class logits, bilinear upsample to ``image_size``."""
+        check_int("in_channels", in_channels, min_value=1)
         return nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(in_channels),
@@ -237,23 +292,46 @@ class SegmentationTask(Task):
             nn.Upsample(size=(self.image_size, self.image_size), mode="bilinear", align_corners=False),
         )
 
+    def check_batch(self, output: Tensor, target: Tensor) -> Tensor:
+        """ValueError/TypeError unless ``output`` is (B, num_classes, H, W) and ``target`` (B, H, W) class indices."""
+        check_output(output, "(B, num_classes, H, W)", self.num_classes)
+        check_labels("target", target, self.num_classes)
+        _check_target_shape(target, (output.shape[0], *output.shape[2:]), "one class index per pixel")
+        return target.long()
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-pixel cross-entropy."""
-        return F.cross_entropy(output, target)
+        return F.cross_entropy(output, self.check_batch(output, target))
 
     def metric_state(self) -> MetricState:
         """Confusion-matrix accumulator for mIoU and pixel accuracy."""
-        return _SegmentationState(self.num_classes)
+        return _SegmentationState(self)
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """``num_classes x num_classes`` counts, rows = ground truth, columns = prediction."""
+    check_int("num_classes", num_classes, min_value=1)
+    check_labels("pred", pred, num_classes)
+    check_labels("target", target, num_classes)
+    if pred.numel() != target.numel():
+        raise ValueError(f"pred ({pred.numel()} values) and target ({target.numel()} values) must have one "
+                         "prediction per ground-truth value")
+    return _confusion(pred, target, num_classes)
+
+
+def _confusion(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     idx = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
     return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def mean_iou(confusion: Tensor) -> float:
     """Mean IoU over classes that occur in the ground truth or the prediction."""
+    check_tensor("confusion", confusion, ndim=2, shape="(num_classes, num_classes)")
+    if confusion.shape[0] != confusion.shape[1] or confusion.numel() == 0:
+        raise ValueError(f"confusion must be a square (num_classes, num_classes) matrix, got {tuple(confusion.shape)}")
+    check_finite("confusion", confusion)
+    if bool((confusion < 0).any()) or not bool(confusion.any()):
+        raise ValueError("confusion must hold non-negative counts, at least one of them non-zero")
     conf = confusion.double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
@@ -262,16 +340,19 @@ def mean_iou(confusion: Tensor) -> float:
 
 
 class _SegmentationState(MetricState):
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    def __init__(self, task: SegmentationTask) -> None:
+        self.task = task
+        self.num_classes = task.num_classes
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
     def update(self, output: Tensor, target: Tensor) -> None:
-        self.confusion += confusion_matrix(output.argmax(dim=1), target, self.num_classes)
+        target = self.task.check_batch(output, target)
+        self.confusion += _confusion(output.argmax(dim=1), target, self.num_classes)
 
     def compute(self) -> dict[str, float]:
         total = int(self.confusion.sum())
-        acc = float(self.confusion.diag().sum()) / max(1, total)
+        _check_seen(total)
+        acc = float(self.confusion.diag().sum()) / total
         return {"miou": mean_iou(self.confusion), "pixel_accuracy": acc}
 
 
@@ -285,6 +366,14 @@ class Detections:
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+
+    def __post_init__(self) -> None:
+        _check_boxes("boxes", self.boxes)
+        check_tensor("scores", self.scores, ndim=1, shape="(k,)")
+        check_tensor("labels", self.labels, ndim=1, shape="(k,)")
+        if not len(self.boxes) == len(self.scores) == len(self.labels):
+            raise ValueError(f"boxes ({len(self.boxes)}), scores ({len(self.scores)}) and labels ({len(self.labels)}) "
+                             "must describe the same k detections")
 
 
 class DetectionTask(Task):
@@ -310,6 +399,7 @@ class DetectionTask(Task):
 
     def head(self, in_channels: int) -> nn.Module:
         """conv3x3-BN-ReLU then conv1x1 to ``5 + num_classes`` maps per cell."""
+        check_int("in_channels", in_channels, min_value=1)
         return nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(in_channels),
@@ -317,14 +407,36 @@ class DetectionTask(Task):
             nn.Conv2d(in_channels, 5 + self.num_classes, 1),
         )
 
+    def check_output(self, output: Tensor) -> Tensor:
+        """ValueError/TypeError unless ``output`` is the head's (B, 5 + num_classes, gh, gw) grid, B >= 1."""
+        return check_output(output, "(B, 5 + num_classes, gh, gw)", 5 + self.num_classes)
+
+    def check_target(self, target: Tensor) -> Tensor:
+        """ValueError/TypeError unless ``target`` is (B, M, 5) rows [label, x1, y1, x2, y2] (label < 0: no object)."""
+        check_tensor("target", target, ndim=3, shape="(B, M, 5): [label, x1, y1, x2, y2] per object")
+        if target.shape[2] != 5 or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f"target must have shape (B, M, 5) of real numbers [label, x1, y1, x2, y2], got "
+                             f"{tuple(target.shape)} ({target.dtype})")
+        check_finite("target", target)
+        labels = target[..., 0]
+        bad = labels[(labels >= self.num_classes) | (labels != labels.floor())]
+        if bad.numel():
+            raise ValueError(f"target holds label {float(bad[0]):g}; accepted labels: integers 0..{self.num_classes - 1} "
+                             "(the task's classes) or a negative value for an empty slot")
+        return target
+
     def stride(self, output: Tensor) -> float:
         """Pixels per grid cell for this output."""
+        check_tensor("output", output, ndim=4, shape="(B, 5 + num_classes, gh, gw)")
         return self.image_size / output.shape[-1]
 
     def encode(self, target: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
         """Per-cell targets from ``(B, M, 5)`` boxes: objectness, offsets, log-sizes, classes."""
+        self.check_target(target)
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2):
+            raise TypeError(f"grid must be a (gh, gw) pair of ints, got {grid!r}")
+        gh, gw = (check_int("grid", g, min_value=1) for g in grid)
         b, m, _ = target.shape
-        gh, gw = grid
         stride = self.image_size / gw
         obj = torch.zeros(b, gh, gw)
         box = torch.zeros(b, 4, gh, gw)
@@ -346,6 +458,8 @@ class DetectionTask(Task):
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Objectness BCE over all cells + offset BCE, log-size L1 and class CE over object cells."""
+        self.check_output(output)
+        _check_same_batch(output, self.check_target(target))
         enc = self.encode(target.detach().cpu().float(), tuple(output.shape[-2:]))
         enc = {k: v.to(output.device) for k, v in enc.items()}
         obj_loss = F.binary_cross_entropy_with_logits(output[:, 0], enc["obj"])
@@ -361,7 +475,7 @@ class DetectionTask(Task):
 
     def decode(self, output: Tensor) -> list[Detections]:
         """Boxes, scores and labels per image after thresholding and per-class NMS."""
-        out = output.detach().float().cpu()
+        out = self.check_output(output).detach().float().cpu()
         b, _, gh, gw = out.shape
         stride = self.image_size / gw
         gy, gx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
@@ -376,9 +490,9 @@ class DetectionTask(Task):
         return [self._select(boxes[i], scores[i], labels[i]) for i in range(b)]
 
     def _select(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Detections:
-        keep = scores > self.score_threshold
+        keep = (scores > self.score_threshold) & torch.isfinite(boxes).all(dim=1)  # a diverged output finds nothing
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        kept = batched_nms(boxes, scores, labels, self.nms_iou)
+        kept = _batched_nms(boxes, scores, labels, self.nms_iou)
         return Detections(boxes[kept], scores[kept], labels[kept])
 
     def metric_state(self) -> MetricState:
@@ -399,12 +513,14 @@ class _DetectionState(MetricState):
         self.ground_truth: list[tuple[Tensor, Tensor]] = []
 
     def update(self, output: Tensor, target: Tensor) -> None:
+        _check_same_batch(self.task.check_output(output), self.task.check_target(target))
         self.detections.extend(self.task.decode(output))
         for t in target.detach().cpu().float():
             valid = t[:, 0] >= 0
             self.ground_truth.append((t[valid, 1:], t[valid, 0].long()))
 
     def compute(self) -> dict[str, float]:
+        _check_seen(len(self.ground_truth))
         return {
             "map50": mean_average_precision(
                 self.detections, self.ground_truth, self.task.num_classes, self.task.iou_threshold
@@ -419,8 +535,25 @@ def _soft_bce(logits: Tensor, target: Tensor) -> Tensor:
     return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") - entropy).mean()
 
 
+def _check_same_batch(output: Tensor, target: Tensor) -> None:
+    if target.shape[0] != output.shape[0]:
+        raise ValueError(f"target holds {target.shape[0]} examples but output {output.shape[0]}: one target per example")
+
+
+def _check_boxes(param: str, boxes: Any) -> Tensor:
+    check_tensor(param, boxes, ndim=2, shape="(n, 4): x1, y1, x2, y2 per box")
+    if boxes.shape[1] != 4 or not boxes.is_floating_point():
+        raise ValueError(f"{param} must have shape (n, 4) of floats (x1, y1, x2, y2 per box), got "
+                         f"{tuple(boxes.shape)} ({boxes.dtype})")
+    return check_finite(param, boxes)
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise IoU of boxes ``a`` (n,4) and ``b`` (m,4), x1,y1,x2,y2."""
+    return _box_iou(_check_boxes("a", a), _check_boxes("b", b))
+
+
+def _box_iou(a: Tensor, b: Tensor) -> Tensor:
     area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
     area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
@@ -430,10 +563,23 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
 
 
+def _check_nms_args(boxes: Tensor, scores: Tensor, iou: float) -> float:
+    _check_boxes("boxes", boxes)
+    check_tensor("scores", scores, ndim=1, shape="(n,)")
+    if len(scores) != len(boxes):
+        raise ValueError(f"scores ({len(scores)}) must hold one score per box ({len(boxes)})")
+    check_finite("scores", scores)
+    return check_float("iou", iou, min_value=0.0, max_value=1.0)
+
+
 def nms(boxes: Tensor, scores: Tensor, iou: float) -> Tensor:
     """Indices of boxes kept by greedy non-maximum suppression, highest score first."""
+    return _nms(boxes, scores, _check_nms_args(boxes, scores, iou))
+
+
+def _nms(boxes: Tensor, scores: Tensor, iou: float) -> Tensor:
     order = torch.argsort(scores, descending=True, stable=True)
-    ious = box_iou(boxes[order], boxes[order])
+    ious = _box_iou(boxes[order], boxes[order])
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     keep = []
     for i in range(len(order)):
@@ -446,7 +592,15 @@ def nms(boxes: Tensor, scores: Tensor, iou: float) -> Tensor:
 
 def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float) -> Tensor:
     """NMS within each class; indices sorted by descending score."""
-    kept = [torch.nonzero(labels == c).flatten()[nms(boxes[labels == c], scores[labels == c], iou)]
+    iou = _check_nms_args(boxes, scores, iou)
+    check_tensor("labels", labels, ndim=1, shape="(n,)")
+    if len(labels) != len(boxes) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold one integer class per box ({len(boxes)}), got {len(labels)} ({labels.dtype})")
+    return _batched_nms(boxes, scores, labels, iou)
+
+
+def _batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float) -> Tensor:
+    kept = [torch.nonzero(labels == c).flatten()[_nms(boxes[labels == c], scores[labels == c], iou)]
             for c in labels.unique()]
     if not kept:
         return torch.zeros(0, dtype=torch.int64)
@@ -456,18 +610,57 @@ def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float) -> Te
 
 def voc_average_precision(recall: Sequence[float], precision: Sequence[float]) -> float:
     """VOC all-point interpolated AP: area under the monotone upper envelope of the PR curve."""
-    mrec = np.concatenate([[0.0], np.asarray(recall, dtype=np.float64), [1.0]])
-    mpre = np.concatenate([[0.0], np.asarray(precision, dtype=np.float64), [0.0]])
+    recall, precision = _curve("recall", recall), _curve("precision", precision)
+    if len(recall) != len(precision):
+        raise ValueError(f"recall ({len(recall)} points) and precision ({len(precision)} points) must have the same length")
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
     for i in range(len(mpre) - 2, -1, -1):
         mpre[i] = max(mpre[i], mpre[i + 1])
     change = np.flatnonzero(mrec[1:] != mrec[:-1])
     return float(np.sum((mrec[change + 1] - mrec[change]) * mpre[change + 1]))
 
 
+def _curve(param: str, values: Sequence[float]) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{param} must be a sequence of numbers in [0, 1], got {type(values).__name__}") from err
+    if arr.ndim != 1 or not np.all(np.isfinite(arr)) or np.any((arr < 0) | (arr > 1)):
+        raise ValueError(f"{param} must be a 1-D sequence of numbers in [0, 1], got {values!r}"[:200])
+    return arr
+
+
+def _check_matching(detections: Any, ground_truth: Any, iou: float) -> float:
+    """Validate per-image detections and (boxes, labels) ground truth; return ``iou``."""
+    if isinstance(detections, (str, bytes)) or not isinstance(detections, Sequence):
+        raise TypeError(f"detections must be a sequence of Detections (one per image), got {type(detections).__name__}")
+    if isinstance(ground_truth, (str, bytes)) or not isinstance(ground_truth, Sequence):
+        raise TypeError(f"ground_truth must be a sequence of (boxes, labels) pairs, got {type(ground_truth).__name__}")
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"detections ({len(detections)}) and ground_truth ({len(ground_truth)}) differ in length")
+    for d in detections:
+        check_type("detections[i]", d, Detections, "a Detections (see DetectionTask.decode)")
+    for g in ground_truth:
+        if not (isinstance(g, (tuple, list)) and len(g) == 2):
+            raise TypeError(f"ground_truth items must be (boxes (k, 4), labels (k,)) pairs, got {type(g).__name__}")
+        _check_boxes("ground_truth boxes", g[0])
+        check_tensor("ground_truth labels", g[1], ndim=1, shape="(k,)")
+        if len(g[1]) != len(g[0]):
+            raise ValueError(f"ground_truth labels ({len(g[1])}) must hold one label per box ({len(g[0])})")
+    return check_float("iou", iou, min_value=0.0, max_value=1.0)
+
+
 def class_average_precision(
     detections: Sequence[Detections], ground_truth: Sequence[tuple[Tensor, Tensor]], cls: int, iou: float = 0.5
 ) -> float | None:
     """AP of class ``cls`` over a set of images (VOC matching); None if the class has no ground truth."""
+    iou = _check_matching(detections, ground_truth, iou)
+    return _class_ap(detections, ground_truth, check_int("cls", cls, min_value=0), iou)
+
+
+def _class_ap(detections: Sequence[Detections], ground_truth: Sequence[tuple[Tensor, Tensor]], cls: int,
+              iou: float) -> float | None:
     gts = [boxes[labels == cls] for boxes, labels in ground_truth]
     n_gt = sum(len(g) for g in gts)
     if n_gt == 0:
@@ -480,7 +673,7 @@ def class_average_precision(
     for k, (_, i, box) in enumerate(records):
         if len(gts[i]) == 0:
             continue
-        overlaps = box_iou(box[None], gts[i])[0]
+        overlaps = _box_iou(box[None], gts[i])[0]
         best = int(overlaps.argmax())
         if overlaps[best] >= iou and not found[i][best]:
             found[i][best] = True
@@ -498,8 +691,8 @@ def mean_average_precision(
     iou: float = 0.5,
 ) -> float:
     """mAP: mean over classes with ground truth of VOC all-point AP at IoU ``iou`` (0.0 without any)."""
-    if len(detections) != len(ground_truth):
-        raise ValueError(f"detections ({len(detections)}) and ground_truth ({len(ground_truth)}) differ in length")
-    aps = [class_average_precision(detections, ground_truth, c, iou) for c in range(num_classes)]
+    iou = _check_matching(detections, ground_truth, iou)
+    check_int("num_classes", num_classes, min_value=1)
+    aps = [_class_ap(detections, ground_truth, c, iou) for c in range(num_classes)]
     aps = [a for a in aps if a is not None]
     return float(np.mean(aps)) if aps else 0.0

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ._io import atomic_torch_save
-from ._validate import check_choice, check_float, check_int, check_model
+from ._validate import check_choice, check_float, check_int, check_mapping, check_model, check_type, run_forward
 from .data import loader
 from .profiles import seed_everything
 from .tasks import Task
@@ -123,9 +123,12 @@ def fit(
 
     ``schedule="cosine"`` decays the learning rate to 0 over the run (a :class:`CosineLR` callback).
     """
-    check_model_task_data(model, task, train_data)
+    check_model_task_data(model, task, train_data, "train_data")
+    if val_data is not None:
+        check_data(val_data, "val_data")
     _check_fit_args(epochs, batch_size, lr, weight_decay, optimizer, max_steps)
     check_choice("schedule", schedule, SCHEDULES)
+    callbacks = _check_hooks(callbacks, extra_loss, progress)
     seed_everything(seed)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     total_steps = epochs * math.ceil(len(train_data) / batch_size)
@@ -164,7 +167,7 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, *, batch_size: int = 2
     try:
         with torch.no_grad():
             for x, y in loader(data, batch_size, shuffle=False):
-                metrics.update(model(x), y)
+                metrics.update(run_forward(model, x, "inputs of data"), y)
     finally:
         model.train(was_training)
     return metrics.compute()
@@ -172,20 +175,56 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, *, batch_size: int = 2
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Adam or SGD (momentum 0.9) over the trainable parameters."""
+    check_model(model)
     check_choice("optimizer", name, OPTIMIZERS)
+    check_float("lr", lr, min_value=0.0)
+    check_float("weight_decay", weight_decay, min_value=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (none with requires_grad=True): nothing to optimize")
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
-def check_model_task_data(model: Any, task: Any, data: Any) -> None:
-    """TypeError unless model is an nn.Module and task a Task; ValueError if data is empty."""
+def check_model_task_data(model: Any, task: Any, data: Any, param: str = "data") -> None:
+    """TypeError unless model is an nn.Module and task a Task; ValueError if data is empty (see check_data)."""
     check_model(model)
     if not isinstance(task, Task):
         raise TypeError(f"task must be a survey_lib.tasks.Task (see get_task), got {type(task).__name__}")
+    check_data(data, param)
+
+
+def check_data(data: Any, param: str = "data") -> None:
+    """TypeError unless ``data`` is a dataset of (input, target) tensor pairs; ValueError if empty or not finite."""
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (str, bytes)):
+        raise TypeError(f"{param} must be a dataset of (input, target) pairs (e.g. a TensorDataset), "
+                        f"got {type(data).__name__}")
     if len(data) == 0:
-        raise ValueError("data is empty: pass a dataset with at least one example")
+        raise ValueError(f"{param} is empty: pass a dataset with at least one example")
+    first = data[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2 and all(isinstance(t, Tensor) for t in first)):
+        got = [type(t).__name__ for t in first] if isinstance(first, (tuple, list)) else type(first).__name__
+        raise TypeError(f"{param} must yield (input, target) pairs of tensors, got {got}")
+    if isinstance(data, torch.utils.data.TensorDataset):
+        for what, t in zip(("inputs", "targets"), data.tensors):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the {what} of {param} hold NaN or inf: clean the data first")
+
+
+def _check_hooks(callbacks: Any, extra_loss: Any, progress: Any) -> tuple[Callback, ...]:
+    """The callbacks as a tuple; TypeError for a callback, extra_loss or progress of the wrong kind."""
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a sequence of survey_lib.train.Callback, got {type(callbacks).__name__}")
+    callbacks = tuple(callbacks)
+    for cb in callbacks:
+        check_type("callbacks[i]", cb, Callback, "a survey_lib.train.Callback")
+    if extra_loss is not None and not callable(extra_loss):
+        raise TypeError(f"extra_loss must be a function (model, x, output, target) -> loss, or None, "
+                        f"got {type(extra_loss).__name__}")
+    if progress is not None:
+        check_type("progress", progress, bool, "True, False or None")
+    return callbacks
 
 
 def _check_fit_args(epochs, batch_size, lr, weight_decay, optimizer, max_steps) -> None:
@@ -212,7 +251,7 @@ def _train_epoch(
     model.train()
     total, seen = 0.0, 0
     for x, y in loader(data, batch_size, shuffle=True, seed=shuffle_seed):
-        output = model(x)
+        output = run_forward(model, x, "inputs of train_data")
         loss = task.loss(output, y)
         if extra_loss is not None:
             loss = loss + extra_loss(model, x, output, y)
@@ -254,6 +293,7 @@ def in_notebook() -> bool:
 def show_progress(progress: bool | None) -> bool:
     """Resolve ``progress=None``: off if env SURVEY_LIB_PROGRESS is 0/off, else on in a notebook or a TTY."""
     if progress is not None:
+        check_type("progress", progress, bool, "True, False or None")
         return bool(progress)
     if os.environ.get(PROGRESS_ENV, "").strip().lower() in ("0", "off", "false", "no"):
         return False
@@ -294,6 +334,7 @@ def cache_key(config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of ``config``, the cache schema and the survey_lib and torch versions."""
     from . import __version__
 
+    _check_config(config)
     versions = {"schema": CACHE_SCHEMA, "survey_lib": __version__, "torch": torch.__version__.split("+")[0]}
     canonical = json.dumps({"config": config, **versions}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -314,14 +355,17 @@ def cached_train(
     ``train`` returns JSON-like metrics stored beside the weights; writes are atomic, and an unreadable
     checkpoint is retrained with a warning.
     """
-    _check_json(config, "config")
+    _check_config(config)
+    for name, fn in (("build", build), ("train", train)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a function, got {type(fn).__name__}")
     path = cache_path(config)
     if path.exists():
         loaded = _load_checkpoint(path, config, build)
         if loaded is not None:
             return loaded
-    model = build()
-    metrics = train(model)
+    model = check_type("build()", build(), nn.Module, "a torch.nn.Module")
+    metrics = check_mapping("train(model)", train(model), "a dict of JSON-serializable metrics")
     _check_json(metrics, "metrics returned by train()")
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save(path, {"state_dict": state_dict, "metrics": metrics, "config": copy.deepcopy(config)})
@@ -346,8 +390,13 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def _check_config(config: Any) -> None:
+    check_mapping("config", config, "a dict of JSON-serializable settings")
+    _check_json(config, "config")
+
+
 def _check_json(obj: Any, what: str) -> None:
     try:
-        _canonical(obj)
+        json.dumps(obj, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} must be JSON-serializable (dicts, lists, str, int, float, bool, None): {err}")

@@ -265,3 +265,48 @@ def test_bad_input_errors():
         count(model, torch.randn(1, 5, 16, 16))
     with pytest.raises(TypeError, match="model"):
         count("not a model", torch.randn(1, 3))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+@pytest.mark.parametrize("pair,error,match", [
+    ((-3, 8), ValueError, r"bits\['0'\]=-3 is out of range"), ((0, 8), ValueError, r"bits\['0'\]=0"),
+    ((999, 8), ValueError, r"bits\['0'\]=999"), ((3.7, 8), TypeError, r"bits\['0'\] must be an int"),
+    ((None, 8), TypeError, r"bits\['0'\] must be an int"), ([4, 8], TypeError, r"bits\['0'\] must be a"),
+])
+def test_bad_layer_bits(pair, error, match):
+    with pytest.raises(error, match=match):
+        count(_net(), torch.randn(1, 3, 8, 8), bits={"0": pair})
+
+
+def test_bad_counting_arguments():
+    from survey_lib.cost import counting as C
+
+    model, x = _net(), torch.randn(1, 3, 8, 8)
+    tr = trace(model, x)
+    with pytest.raises(TypeError, match="bits must be a"):
+        count(model, x, bits=[("0", (4, 8))])
+    with pytest.raises(TypeError, match="tr must be an OpTrace"):
+        C.count_trace(model, "trace")
+    with pytest.raises(ValueError, match="tr was traced from another model"):
+        C.count_trace(nn.Linear(2, 2), tr)
+    with pytest.raises(ValueError, match="wbits=-3"):
+        C.tensor_bits(tr.ops[0].inputs[0], -3, 8)
+    with pytest.raises(TypeError, match="t must be a TensorInfo"):
+        C.tensor_bits("t", 4, 8)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        C.dtype_bits("float32")
+    with pytest.raises(TypeError, match="args do not hold the tensor operands"):
+        C.op_macs("aten.mm.default", (1, 2), None)
+    with pytest.raises(TypeError, match="op must be"):
+        C.op_macs(5, (), None)
+    with pytest.raises(TypeError, match="model"):
+        C.total_params("model")
+    with pytest.raises(TypeError, match="model"):
+        with C.eval_mode("model"):
+            pass
+    with pytest.raises(TypeError, match="name"):
+        C.module_name(5)

@@ -1,4 +1,4 @@
-"""Hardware profiles: roofline max(), energy sums, registry errors, host micro-benchmark and its cache."""
+"""Hardware profiles: roofline max(), energy sums, registry errors, host micro-benchmark, its cache and its bound."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from survey_lib.cost import HARDWARE_NAMES, HardwareProfile, estimate_energy, estimate_latency, get_hardware, host_profile
 from survey_lib.cost import hardware as hwmod
-from survey_lib.cost.hardware import ENERGY_PJ_PER_MAC, roofline_points
+from survey_lib.cost.hardware import ENERGY_PJ_PER_MAC, RooflineBoundError, check_roofline_bound, host_info, roofline_points
 
 TOY = HardwareProfile(
     name="toy",
@@ -74,26 +75,160 @@ def test_roofline_points():
     assert df["est_latency_s"].tolist() == pytest.approx([1.0, 0.1])
 
 
-def test_host_measured_cached_atomically_and_reused(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """One real host measurement (default timing windows) in a temporary cache: (profile, cached JSON)."""
+    path = tmp_path_factory.mktemp("host_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SURVEY_LIB_CACHE", str(path))
+        mp.setattr(hwmod, "_HOST", None)
+        hw = host_profile()
+    return hw, json.loads((path / "host_profile.json").read_text())
+
+
+@pytest.fixture
+def fake_measure(measured, tmp_path, monkeypatch):
+    """Cache in tmp_path; a 'measurement' returns the module's real data under the current key, and is counted."""
     monkeypatch.setenv("SURVEY_LIB_CACHE", str(tmp_path))
     monkeypatch.setattr(hwmod, "_HOST", None)
     calls = []
-    real = hwmod._measure_host
-    monkeypatch.setattr(hwmod, "_measure_host", lambda: calls.append(1) or real())
+    monkeypatch.setattr(hwmod, "_measure_host", lambda: calls.append(1) or {**measured[1], "key": hwmod._host_key()})
+    return tmp_path, calls
+
+
+def test_host_measured_cached_atomically_and_reused(fake_measure, monkeypatch):
+    tmp_path, calls = fake_measure
     hw = host_profile()
     assert calls == [1] and hw.kind == "measured" and hw.name == "host"
-    figures = [hw.peak_macs_per_s["fp32"], hw.peak_macs_per_s["int8"], hw.bandwidth_bytes_per_s["dram"],
-               *[v for k, v in hw.extra.items() if "macs" in k]]
-    assert all(math.isfinite(v) and v > 0 for v in figures)
-    assert {"fp32_macs_per_s_1threads", "int8_macs_per_s_1threads"} <= set(hw.extra)
     path = tmp_path / "host_profile.json"
     assert json.loads(path.read_text())["copy_bytes_per_s"] == hw.bandwidth_bytes_per_s["dram"]
     assert [p.name for p in tmp_path.iterdir()] == ["host_profile.json"]  # no temp leftovers
     monkeypatch.setattr(hwmod, "_HOST", None)  # forget the in-process copy: must read the file
     again = get_hardware("host")
-    assert calls == [1] and again.peak_macs_per_s == hw.peak_macs_per_s
+    assert calls == [1] and again.peak_macs_per_s == hw.peak_macs_per_s and again.peak_by_threads == hw.peak_by_threads
     host_profile(cache=False)
     assert calls == [1, 1]
+
+
+def test_cache_key_follows_kernel_caps(fake_measure, monkeypatch):
+    """A cap on the kernels libraries may pick (e.g. ONEDNN_MAX_CPU_ISA) changes the peak: measure again."""
+    _, calls = fake_measure
+    host_profile()
+    monkeypatch.setattr(hwmod, "_HOST", None)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    host_profile()
+    assert calls == [1, 1]
+
+
+def test_corrupt_cache_is_measured_again(fake_measure):
+    tmp_path, calls = fake_measure
+    (tmp_path / "host_profile.json").write_text('{"key": {"schema": 3}, "kernel')
+    assert host_profile().peak("fp32") > 0 and calls == [1]
+    assert json.loads((tmp_path / "host_profile.json").read_text())["key"]["schema"] == hwmod.HOST_SCHEMA
+
+
+def test_host_figures_are_real_numbers(measured):
+    hw, data = measured
+    figures = [hw.peak_macs_per_s["fp32"], hw.peak_macs_per_s["int8"], hw.bandwidth_bytes_per_s["dram"],
+               *[v for k, v in hw.extra.items() if k.endswith("threads")]]
+    assert all(math.isfinite(v) and v > 0 for v in figures)
+    assert {"fp32_macs_per_s_1threads", "fp32_macs_per_s_2threads", "int8_macs_per_s_1threads"} <= set(hw.extra)
+    assert 0 < data["seconds"] < 60
+
+
+def test_host_profile_stores_host_info_and_peak_kernel(measured):
+    hw, data = measured
+    info = host_info()
+    assert data["host"]["cpu_model"] == hw.extra["host_info"]["cpu_model"] == info["cpu_model"]
+    assert data["host"]["features"] == info["features"]
+    for precision in ("fp32", "int8"):
+        rates = hw.extra["kernel_macs_per_s"][precision][1]
+        kernel = hw.extra[f"{precision}_peak_kernel"]
+        assert kernel.split(",")[0] in rates and kernel in hw.description
+        assert hw.peak(precision) == pytest.approx(max(rates.values()))
+    kernels = hw.extra["kernel_macs_per_s"]["fp32"][1]
+    for prefix in ("ort Conv", "ort MatMul", "torch conv2d", "torch mm"):
+        assert any(k.startswith(prefix) for k in kernels), prefix
+
+
+def test_peak_bounds_every_kernel_of_the_same_run(measured):
+    """The roofline's property: at t threads its peak is >= every kernel measured at t threads or fewer."""
+    hw, _ = measured
+    table = hw.extra["kernel_macs_per_s"]
+    for precision, by_threads in table.items():
+        assert set(by_threads) == {1, 2}
+        for t in by_threads:
+            at_most_t = {k: r for u, rates in by_threads.items() if u <= t for k, r in rates.items()}
+            assert hw.peak(precision, t) >= max(at_most_t.values())
+            assert hw.extra["peak_kernel"][precision][t].split(",")[0] in at_most_t
+        assert hw.peak(precision, 2) >= hw.peak(precision, 1) == hw.peak(precision)
+        for rates in by_threads.values():
+            assert all(check_roofline_bound(r, hw, precision, threads=2, margin=0) <= 1 for r in rates.values())
+
+
+def test_peaks_by_threads_by_hand():
+    peaks = hwmod.peaks_by_threads({1: {"a": 3.0, "b": 5.0}, 2: {"a": 4.0, "b": 1.0}})
+    assert peaks == {1: (5.0, "b, 1 thread"), 2: (5.0, "b, 1 thread")}
+    assert hwmod.peaks_by_threads({1: {"a": 3.0}, 2: {"a": 7.0}})[2] == (7.0, "a, 2 threads")
+
+
+def test_an_ort_conv_layer_does_not_beat_the_bound(measured):
+    """A 3x3 conv like the baselines', exported and run by ONNX Runtime as the notebooks do, stays under the
+    1-thread peak.  (Only 1 thread: a 2-thread peak measured while other processes hold a core is too low.)"""
+    from survey_lib.cost import compare_latency
+
+    hw, _ = measured
+    conv = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 64, 16, 16)
+    lat = compare_latency({"conv": conv}, x, runtime="ort", threads=1, runs=30)["conv"]
+    ratio = check_roofline_bound(64 * 64 * 9 * 16 * 16 / (lat.median_ms * 1e-3), hw, threads=1)
+    assert 0 < ratio <= 1 + hwmod.ROOFLINE_MARGIN
+
+
+def test_check_roofline_bound():
+    assert check_roofline_bound(0.5e9, TOY) == pytest.approx(0.5)
+    assert check_roofline_bound(1.1e9, TOY, margin=0.2) == pytest.approx(1.1)  # within the noise margin
+    with pytest.raises(RooflineBoundError, match="1.5 GMAC/s beats the toy fp32 peak"):
+        check_roofline_bound(1.5e9, TOY)
+    with pytest.raises(AssertionError):  # usable as an assert
+        check_roofline_bound(1.01e9, TOY, margin=0)
+    assert check_roofline_bound(4e9, TOY, "int8") == pytest.approx(1.0)
+
+
+def test_check_roofline_bound_rejects_bad_input():
+    with pytest.raises(ValueError, match="measured_macs_per_s"):
+        check_roofline_bound(-1.0, TOY)
+    with pytest.raises(ValueError, match="measured_macs_per_s"):
+        check_roofline_bound(float("nan"), TOY)
+    with pytest.raises(TypeError, match="measured_macs_per_s"):
+        check_roofline_bound("fast", TOY)
+    with pytest.raises(ValueError, match="margin"):
+        check_roofline_bound(1.0, TOY, margin=-0.1)
+    with pytest.raises(ValueError, match="precision"):
+        check_roofline_bound(1.0, "int8_npu", "fp32")
+    with pytest.raises(ValueError, match="threads=2 .* accepted values: 1"):
+        check_roofline_bound(1.0, TOY, threads=2)
+    with pytest.raises(ValueError, match="hardware"):
+        check_roofline_bound(1.0, "gpu")
+
+
+def test_peak_per_thread_count():
+    two = HardwareProfile(name="two", description="", peak_macs_per_s={"fp32": 1e9}, bandwidth_bytes_per_s={"dram": 1e9},
+                          peak_by_threads={"fp32": {1: 1e9, 2: 1.8e9}})
+    assert two.peak("fp32") == two.peak("fp32", 1) == 1e9 and two.peak("fp32", 2) == 1.8e9
+    with pytest.raises(ValueError, match="threads=4 .* accepted values: 1, 2"):
+        two.peak("fp32", 4)
+    with pytest.raises(TypeError, match="threads"):
+        two.peak("fp32", 1.5)
+
+
+def test_measure_kernels_rejects_bad_input():
+    with pytest.raises(ValueError, match="precision"):
+        hwmod.measure_kernels("fp16", 1)
+    with pytest.raises(ValueError, match="threads"):
+        hwmod.measure_kernels("fp32", 0)
+    with pytest.raises(ValueError, match="rounds"):
+        hwmod.measure_kernels("fp32", 1, rounds=0)
 
 
 def test_default_memory_level_per_target():

@@ -99,3 +99,60 @@ def test_one_onnx_export_serves_every_batch_size():
     assert cached_onnx(model, torch.randn(5, 3, 8, 8)) == first
     (key, entry), = _EXPORTS[model].items()
     assert key[0] is None and entry.checked_batches == {1, 5}  # symbolic batch, checked at both sizes
+
+
+# ---------------------------------------------------------------- bad files and bad arguments
+
+
+def _bad_onnx_files(tmp_path) -> dict[str, object]:
+    """A valid ONNX file broken the usual ways, plus a valid file of another format."""
+    from survey_lib.cost import stored_bytes
+
+    good = export_onnx(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), tmp_path / "good.onnx")
+    stored_bytes(nn.Linear(2, 2), path=tmp_path / "other.dense")
+    data = good.read_bytes()
+    variants = {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": data[: len(data) // 2],
+                "wrong magic": b"NOTMAGIC" + data[8:], "another format": (tmp_path / "other.dense").read_bytes()}
+    paths = {}
+    for case, content in variants.items():
+        paths[case] = tmp_path / f"{case.replace(' ', '_')}.onnx"
+        paths[case].write_bytes(content)
+    return paths
+
+
+def test_ort_session_names_a_bad_onnx_file(tmp_path):
+    for case, path in _bad_onnx_files(tmp_path).items():
+        with pytest.raises(ValueError, match=f"{path.name}: not a valid ONNX file: "):
+            ort_session(path)
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        ort_session(tmp_path / "missing.onnx")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        ort_session(5)
+
+
+def test_latency_helpers_check_their_arguments():
+    from survey_lib.cost.latency import check_ort_matches, summarize, torch_threads
+
+    with pytest.raises(ValueError, match="samples_ms must be a non-empty list of finite times >= 0"):
+        summarize([], runtime="eager", batch=1, threads=1, warmup=0)
+    with pytest.raises(ValueError, match="got 3 values from nan to nan"):
+        summarize([float("nan")] * 3, runtime="eager", batch=1, threads=1, warmup=0)
+    with pytest.raises(ValueError, match="threads=0 is out of range"):
+        with torch_threads(0):
+            pass
+    with pytest.raises(TypeError, match="batches must be a list or tuple of values, got int"):
+        latency_grid(small(), X, batches=1)
+    with pytest.raises(TypeError, match="seed must be an int, got str"):
+        compare_latency({"m": small()}, X, seed="a")
+    with pytest.raises(ValueError, match="models must be a non-empty dict"):
+        compare_latency({}, X)
+    with pytest.raises(TypeError, match="session must be an onnxruntime.InferenceSession"):
+        check_ort_matches(nn.Linear(4, 2), "session", torch.randn(1, 4))
+
+
+def test_ort_runtime_rejects_an_input_the_onnx_model_does_not_fit(tmp_path):
+    from survey_lib.cost.latency import ort_run
+
+    path = export_onnx(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), tmp_path / "m.onnx", dynamic_batch=True)
+    with pytest.raises(ValueError, match=r"x of shape \(1, 7\) does not fit the ONNX model's input 'input'"):
+        ort_run(ort_session(path), torch.randn(1, 7))

@@ -103,3 +103,30 @@ class TwoHeads(nn.Module):
 def test_early_output_stays_live():
     # head a's output is made first and never read again, but it is returned: live to the end
     assert peak_activation_memory(TwoHeads(), torch.randn(1, 4)) == (4 + 64 + 2) * F32
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_memory_arguments():
+    import pytest
+
+    from survey_lib.cost import memory as M
+
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8)
+    tr = trace(model, x)
+    with pytest.raises(ValueError, match=r"bits\['0'\]=-3"):
+        memory_traffic(model, x, bits={"0": (-3, 8)})
+    with pytest.raises(ValueError, match=r"bits\['0'\]=0"):
+        memory_traffic(model, x, bits={"0": (0, 0)})
+    for fn in (live_bytes_per_op, M.peak_trace, lambda t: M.traffic_trace(model, t)):
+        with pytest.raises(TypeError, match="tr must be an OpTrace"):
+            fn("trace")
+    with pytest.raises(TypeError, match="o must be an OpRecord"):
+        M.op_traffic("op", 4, 8)
+    with pytest.raises(ValueError, match="wbits=-4"):
+        M.op_traffic(tr.ops[0], -4, 8)
+    with pytest.raises(ValueError, match="bits=-4"):
+        M.tensor_bytes(tr.ops[0].inputs[0], -4)
+    with pytest.raises(TypeError, match="op must be"):
+        moves_data(5)
+    with pytest.raises(TypeError, match="model"):
+        peak_activation_memory("model", x)

@@ -141,3 +141,34 @@ def test_model_not_mutated():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_negative_or_zero_bits_are_rejected_not_counted():
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8)
+    for pair in ((-3, 8), (8, 0)):
+        with pytest.raises(ValueError, match=r"bits\['0'\]=-?\d+ is out of range; accepted: 1 <= bits\['0'\] <= 64"):
+            profile(model, x, bits={"0": pair})
+
+
+def test_bad_report_arguments():
+    from survey_lib.cost.report import layer_estimates, precision_of
+
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8)
+    with pytest.raises(TypeError, match="latency must be True or False"):
+        profile(model, x, latency="yes")
+    with pytest.raises(TypeError, match="latency_kwargs"):
+        profile(model, x, latency=True, latency_kwargs=5)
+    with pytest.raises(TypeError, match="name must be a str"):
+        Metric(5, 1.0, "x", "counted")
+    with pytest.raises(TypeError, match="value must be a number"):
+        Metric("a", "x", "x", "counted")
+    with pytest.raises(ValueError, match="weight_bits=-3"):
+        precision_of(-3, 8)
+    with pytest.raises(TypeError, match="act_bits must be an int"):
+        precision_of(8, float("nan"))
+    report = profile(model, x)
+    with pytest.raises(TypeError, match="hw must be a HardwareProfile"):
+        layer_estimates(report.layers, "host")
+    with pytest.raises(ValueError, match="layers lacks the columns"):
+        layer_estimates(report.layers.drop(columns=["macs"]), hwmod.get_hardware("host"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -75,3 +76,63 @@ def test_format_registry_and_model_attribute(tmp_path):
     with pytest.raises(ValueError, match="accepted values: 'dense'"):
         stored_bytes(mlp(), fmt="csr_nope")
     assert "dense" in formats()
+
+
+# ---------------------------------------------------------------- bad files and bad arguments
+
+
+def _bad_variants(good: bytes, other: bytes) -> dict[str, bytes]:
+    """A file's bytes broken the usual ways: empty, random, truncated, wrong magic, another format's valid file."""
+    return {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
+            "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
+
+
+def test_load_dense_names_the_file_and_what_is_wrong(tmp_path):
+    from survey_lib.methods.packing import write_packed
+
+    stored_bytes(mlp(), path=tmp_path / "good.dense")
+    write_packed(nn.Linear(4, 2), tmp_path / "other.packed")
+    good, other = (tmp_path / "good.dense").read_bytes(), (tmp_path / "other.packed").read_bytes()
+    expected = {"empty": "the file is empty", "random": "bad magic", "truncated": "truncated",
+                "wrong magic": "bad magic", "another format": "bad magic: expected b'SLDENSE1', got b'SLPACK01'"}
+    for case, data in _bad_variants(good, other).items():
+        path = tmp_path / f"{case.replace(' ', '_')}.dense"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{path.name}: not a valid dense file: {expected[case]}"):
+            load_dense(path)
+    with pytest.raises(FileNotFoundError, match="missing.dense"):
+        load_dense(tmp_path / "missing.dense")
+
+
+def test_load_dense_rejects_a_corrupt_header(tmp_path):
+    stored_bytes(nn.Linear(2, 2), path=tmp_path / "m.dense")
+    good = (tmp_path / "m.dense").read_bytes()
+    (tmp_path / "json.dense").write_bytes(good[:16] + b"!" + good[17:])  # header no longer JSON
+    with pytest.raises(ValueError, match="json.dense: not a valid dense file: header is not valid JSON"):
+        load_dense(tmp_path / "json.dense")
+    (tmp_path / "dtype.dense").write_bytes(good.replace(b'"float32"', b'"float99"', 1))
+    with pytest.raises(ValueError, match="dtype.dense: not a valid dense file: unknown dtype 'float99'"):
+        load_dense(tmp_path / "dtype.dense")
+    (tmp_path / "key.dense").write_bytes(good.replace(b'"tensors"', b'"tensorz"', 1))
+    with pytest.raises(ValueError, match="key.dense: not a valid dense file: entry 'tensors' is missing"):
+        load_dense(tmp_path / "key.dense")
+
+
+def test_storage_functions_check_their_arguments(tmp_path):
+    from survey_lib.cost.storage import gzip_size, model_tensors, write_dense_tensors
+
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        stored_bytes(mlp(), path=5)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        load_dense(None)
+    stored_bytes(mlp(), path=tmp_path / "m.dense")
+    with pytest.raises(ValueError, match="level=12 is out of range"):
+        gzip_size(tmp_path / "m.dense", level=12)
+    with pytest.raises(ValueError, match="chunk=0 is out of range"):
+        gzip_size(tmp_path / "m.dense", chunk=0)
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a \(non-empty str name, torch.Tensor\) pair"):
+        write_dense_tensors([("a", 5)], tmp_path / "w")
+    with pytest.raises(ValueError, match=r"tensors repeats a name: \['a'\]"):
+        write_dense_tensors([("a", torch.zeros(1)), ("a", torch.ones(1))], tmp_path / "w")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        model_tensors("model")

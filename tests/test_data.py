@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,73 @@ def test_loader_is_deterministic_by_seed():
     assert torch.cat([b[0] for b in loader(ds, 8)]).tolist() == list(range(50))
     with pytest.raises(ValueError, match="batch_size"):
         loader(ds, 0)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_subset_classes_rejects_what_load_rejects():
+    ds = torch.utils.data.TensorDataset(torch.arange(6.0)[:, None], torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match=r"classes=\[1, 1\] contains a class twice"):
+        load("digits", classes=[1, 1])
+    with pytest.raises(ValueError, match=r"classes=\[2, 2\] contains a class twice"):
+        subset_classes(ds, [2, 2])
+    with pytest.raises(ValueError, match="classes must be a non-empty list"):
+        subset_classes(ds, [])
+    with pytest.raises(TypeError, match="classes must be a non-empty list of class indices or names, got str"):
+        subset_classes(ds, "2")
+    with pytest.raises(ValueError, match=r"classes \[7\] have no example in dataset; its labels are \[0, 1, 2\]"):
+        subset_classes(ds, [0, 7])
+    with pytest.raises(ValueError, match="classes=-1 is out of range"):
+        subset_classes(ds, [-1])
+    with pytest.raises(TypeError, match="dataset must be a TensorDataset"):
+        subset_classes([(0, 1)], [0])
+
+
+def test_loaders_check_their_arguments(tmp_path):
+    ds = torch.utils.data.TensorDataset(torch.arange(6.0))
+    with pytest.raises(TypeError, match="shuffle must be True or False"):
+        loader(ds, 2, shuffle="yes")
+    with pytest.raises(TypeError, match="dataset must be a map-style dataset"):
+        loader(5, 2)
+    with pytest.raises(TypeError, match="root must be a str or os.PathLike, got int"):
+        load("cifar10", root=5)
+    with pytest.raises(ValueError, match=r"scenes lacks the array\(s\) \['boxes', 'box_labels'\] that task='detection'"):
+        data.shapes_target({"label": np.zeros(2)}, "detection")
+    with pytest.raises(TypeError, match="scenes must be the dict returned by make_shapes"):
+        data.shapes_target([1, 2], "classification")
+
+
+def _broken_cifar(directory, name: str, content: bytes) -> None:
+    write_fake_cifar(directory, per_batch=4)
+    (directory / name).write_bytes(content)
+
+
+def _batch(images: int = 2, size: int = 3072, labels=(0, 1)) -> bytes:
+    return pickle.dumps({b"data": np.zeros((images, size), np.uint8), b"labels": list(labels)})
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", r"not a valid CIFAR-10 python pickle: truncated or corrupt pickle \(Ran out of input\)"),
+        (_batch()[:40], "not a valid CIFAR-10 python pickle: truncated or corrupt pickle"),
+        (np.random.default_rng(0).bytes(300), "not a valid CIFAR-10 python pickle: truncated or corrupt pickle"),
+        (pickle.dumps(Path("x")), "not a valid CIFAR-10 python pickle: it refers to pathlib.*Path, which a CIFAR-10"),
+        (pickle.dumps([1, 2]), "not a valid CIFAR-10 python pickle: expected a dict, got list"),
+        (_batch(size=3000), r"not a valid CIFAR-10 batch: 'data' must be uint8 of shape \(n, 3072\), got uint8 \(2, 3000\)"),
+        (_batch(labels=(0, 12)), r"not a valid CIFAR-10 batch: labels must lie in 0..9, got 0..12"),
+        (_batch(labels=(0, 1, 2)), r"not a valid CIFAR-10 batch: 'labels' must be 2 integers, got int64 \(3,\)"),
+    ],
+)
+def test_cifar10_names_the_broken_batch_and_what_is_wrong(tmp_path, content, match):
+    _broken_cifar(tmp_path, "data_batch_2", content)
+    with pytest.raises(ValueError, match=f"data_batch_2: {match}"):
+        load("cifar10", root=tmp_path)
+
+
+def test_cifar10_names_a_broken_meta_file(tmp_path):
+    _broken_cifar(tmp_path, "batches.meta", pickle.dumps({b"label_names": [b"cat", b"dog"]}))
+    with pytest.raises(ValueError, match="batches.meta: not a valid CIFAR-10 batches.meta: label_names must be 10 distinct"):
+        load("cifar10", root=tmp_path)
+    _broken_cifar(tmp_path, "batches.meta", b"\x80\x04garbage")
+    with pytest.raises(ValueError, match="batches.meta: not a valid CIFAR-10 python pickle"):
+        load("cifar10", root=tmp_path)

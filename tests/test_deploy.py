@@ -266,3 +266,44 @@ def test_bad_keep_fp32_writes_nothing(ctx, trained, tmp_path):
     with pytest.raises(ValueError, match="keep_fp32"):
         D.quantize_int8(trained, ctx, keep_fp32=["no_such_node"], path=tmp_path / "m.onnx", n_calibration=32)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- bad files and input
+def _bad_onnx_files(tmp_path, good) -> dict[str, object]:
+    """``good`` (a valid ONNX file) broken the usual ways, plus a valid file of another format."""
+    stored_bytes(torch.nn.Linear(2, 2), path=tmp_path / "other.dense")
+    data = good.read_bytes()
+    variants = {"empty": b"", "random": bytes(range(256)) * 2, "truncated": data[: len(data) // 2],
+                "wrong magic": b"NOTMAGIC" + data[8:], "another format": (tmp_path / "other.dense").read_bytes()}
+    paths = {}
+    for case, content in variants.items():
+        paths[case] = tmp_path / f"{case.replace(' ', '_')}.onnx"
+        paths[case].write_bytes(content)
+    return paths
+
+
+def test_onnx_model_names_a_bad_file_when_built(tmp_path, quantized):
+    q, _ = quantized
+    for case, path in _bad_onnx_files(tmp_path, q.onnx_path).items():
+        with pytest.raises(ValueError, match=f"{path.name}: not a valid ONNX file: "):
+            D.OnnxModel(path)
+        with pytest.raises(ValueError, match=f"{path.name}: not a valid ONNX file: "):
+            D.int8_ops(path)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        D.OnnxModel(3)
+
+
+def test_deploy_rejects_inputs_that_do_not_fit(ctx, trained, quantized, x_test):
+    q, _ = quantized
+    with pytest.raises(ValueError, match=r"x of shape \(2, 3, 8, 8\) does not fit the ONNX model's input"):
+        q(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"x of shape \(1, 1, 4, 4\) does not fit the ONNX model's input"):
+        D.op_profile(q, torch.randn(1, 1, 4, 4), runs=1)
+    with pytest.raises(TypeError, match="graph must be an ONNX GraphProto"):
+        D.mac_nodes("graph")
+    with pytest.raises(TypeError, match="graph must be an ONNX GraphProto"):
+        D.first_mac_nodes(onnx.load(str(q.onnx_path)))  # the model, not its .graph
+    with pytest.raises(TypeError, match="ctx must be a survey_lib.methods.Context"):
+        D.calibration_batches(None, 4)
+    with pytest.raises(ValueError, match="threads=0 is out of range"):
+        D.fp32_onnx(trained, ctx, threads=0)

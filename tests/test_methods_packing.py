@@ -169,9 +169,9 @@ def test_pack_bits_out_of_range(bits):
 def test_pack_bad_codes_and_counts():
     with pytest.raises(TypeError, match="bits"):
         pack_bits([1], 2.0)
-    with pytest.raises(ValueError, match="code 4 is out of range for bits=2"):
+    with pytest.raises(ValueError, match="codes: value 4 is out of range for bits=2"):
         pack_bits([0, 4], 2)
-    with pytest.raises(ValueError, match="code -1"):
+    with pytest.raises(ValueError, match="codes: value -1"):
         pack_bits(np.array([-1, 0]), 3)
     with pytest.raises(TypeError, match="integer dtype"):
         pack_bits(np.array([0.0, 1.0]), 2)
@@ -207,7 +207,7 @@ def test_quantized_tensor_dequantize_per_channel_and_per_tensor():
     [
         (dict(codes=torch.tensor([[0.0, 1.0], [1.0, 0.0]])), TypeError, "integer dtype"),
         (dict(codes=[[0, 1], [1, 0]]), TypeError, "codes must be"),
-        (dict(codes=torch.tensor([[0, 4], [1, 0]])), ValueError, "code 4 is out of range"),
+        (dict(codes=torch.tensor([[0, 4], [1, 0]])), ValueError, "codes: value 4 is out of range"),
         (dict(scale=torch.tensor([0.5, 2.0], dtype=torch.float64)), TypeError, "scale must be float32"),
         (dict(scale=[0.5, 2.0]), TypeError, "scale must be"),
         (dict(scale=torch.tensor([0.5, 2.0, 1.0])), ValueError, r"scale has shape \[3\], expected \[2\]"),
@@ -335,5 +335,66 @@ def test_packed_errors(tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         load_packed(tmp_path / "t")
     (tmp_path / "h").write_bytes((tmp_path / "m").read_bytes()[:30])  # cut inside the JSON header
-    with pytest.raises(ValueError, match="truncated or corrupt packed file header"):
+    with pytest.raises(ValueError, match=r"h: not a valid packed file: truncated: the header"):
         load_packed(tmp_path / "h")
+
+
+# ---------------------------------------------------------------- bad files and bad arguments
+
+
+def _bad_variants(good: bytes, other: bytes) -> dict[str, bytes]:
+    """A file's bytes broken the usual ways: empty, random, truncated, wrong magic, another format's valid file."""
+    return {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
+            "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
+
+
+def test_read_packed_names_the_file_and_what_is_wrong(tmp_path):
+    write_packed(_model(), tmp_path / "good.packed")
+    stored_bytes(nn.Linear(2, 2), "dense", path=tmp_path / "other.dense")
+    good, other = (tmp_path / "good.packed").read_bytes(), (tmp_path / "other.dense").read_bytes()
+    expected = {"empty": "the file is empty", "random": "bad magic", "truncated": "truncated",
+                "wrong magic": "bad magic", "another format": "bad magic: expected b'SLPACK01', got b'SLDENSE1'"}
+    for case, data in _bad_variants(good, other).items():
+        path = tmp_path / f"{case.replace(' ', '_')}.packed"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{path.name}: not a valid packed file: {expected[case]}"):
+            load_packed(path)
+    with pytest.raises(FileNotFoundError, match="missing.packed"):
+        read_packed(tmp_path / "missing.packed")
+
+
+def test_read_packed_rejects_corrupt_entries(tmp_path):
+    write_packed(_model(), tmp_path / "m")
+    good = (tmp_path / "m").read_bytes()
+    (tmp_path / "version").write_bytes(good.replace(b'"version":1', b'"version":7', 1))
+    with pytest.raises(ValueError, match=r"version: not a valid packed file: unsupported header \(format 'packed', version 7\)"):
+        read_packed(tmp_path / "version")
+    (tmp_path / "bits").write_bytes(good.replace(b'"bits":4', b'"bits":40', 1))
+    with pytest.raises(ValueError, match="bits: not a valid packed file: bits=40 is out of range"):
+        read_packed(tmp_path / "bits")
+    (tmp_path / "kind").write_bytes(good.replace(b'"kind":"packed"', b'"kind":"dense!"', 1))
+    with pytest.raises(ValueError, match="kind: not a valid packed file: entry 'dtype' is missing"):
+        read_packed(tmp_path / "kind")
+
+
+def test_packing_functions_check_their_arguments():
+    from survey_lib.methods.packing import quantized_weight
+
+    with pytest.raises(TypeError, match="data must be bytes"):
+        unpack_bits([1, 2], 2, 1)
+    with pytest.raises(TypeError, match="module must be a low-bit module with an integer_weight"):
+        quantized_weight(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        deploy_tensors("layer")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        write_packed(_model(), 3)
+
+
+def test_both_pack_bits_reject_floats_instead_of_truncating():
+    from survey_lib.methods import coding
+
+    for pack in (pack_bits, coding.pack_bits):
+        with pytest.raises(TypeError, match="must have an integer dtype, got float64"):
+            pack(np.array([1.7, 2.2]), 3)
+        with pytest.raises(ValueError, match="value -1 is out of range for bits=3"):
+            pack(np.array([-1, 2]), 3)

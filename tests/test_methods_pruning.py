@@ -322,3 +322,96 @@ def test_layer_sensitivity_table(ctx, trained):
     assert (table["metric"] == "accuracy").all()
     with pytest.raises(ValueError, match=r"sparsity.*\[0, 1\)"):
         P.layer_sensitivity(model, ctx, sparsities=(1.2,))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def conv1d_net():
+    return nn.Sequential(nn.Unflatten(1, (1, 64)), nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(248, 10))
+
+
+def test_unsupported_layers_are_rejected_not_skipped(ctx):
+    with pytest.raises(ValueError, match="cannot prune 1: Conv1d layers are not supported; accepted layer types"):
+        P.magnitude_prune(conv1d_net(), ctx, sparsity=0.9, finetune=False)
+    with pytest.raises(ValueError, match="Conv1d"):
+        P.prunable_weights(conv1d_net())
+    only_linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ValueError, match="nothing to prune"):
+        P.magnitude_prune(only_linear, ctx, sparsity=0.5, exclude=("first",), finetune=False)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        P.weight_sparsity(nn.ReLU())
+
+
+def test_ctx_none_is_handled_like_structured_pruning(ctx):
+    model = cnn(ctx)
+    with pytest.raises(ValueError, match="magnitude_prune: finetune=True needs a Context"):
+        P.magnitude_prune(model, None, sparsity=0.5)
+    with pytest.raises(ValueError, match="random_prune: finetune=True needs a Context"):
+        P.random_prune(model, None, sparsity=0.5)
+    with pytest.raises(TypeError, match="ctx must be a survey_lib.methods.Context or None"):
+        P.magnitude_prune(model, "ctx", sparsity=0.5, finetune=False)
+    with pytest.raises(TypeError, match="finetune must be True or False"):
+        P.magnitude_prune(model, ctx, sparsity=0.5, finetune="no")
+    pruned = P.magnitude_prune(model, None, sparsity=0.5, finetune=False)
+    assert P.weight_sparsity(pruned) == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="seed"):
+        P.random_prune(model, None, sparsity=0.5, finetune=False)
+    assert P.weight_sparsity(P.random_prune(model, None, sparsity=0.5, finetune=False, seed=0)) == pytest.approx(0.5, abs=1e-3)
+
+
+BAD_PRUNING_CALLS = [
+    (lambda m, c: P.agp_prune(m, None, sparsity=0.5), TypeError, "ctx"),
+    (lambda m, c: P.iterative_prune(m, None, sparsity=0.5), TypeError, "ctx"),
+    (lambda m, c: P.obd_prune(m, None, sparsity=0.5), TypeError, "ctx"),
+    (lambda m, c: P.fisher_diagonal(m, None), TypeError, "ctx"),
+    (lambda m, c: P.group_lasso_train(m, None, strength=0.1), TypeError, "ctx"),
+    (lambda m, c: P.layer_sensitivity(m, None), TypeError, "ctx"),
+    (lambda m, c: P.finetune_masked(m, None, {}), TypeError, "ctx"),
+    (lambda m, c: P.layer_sensitivity(m, c, sparsities=()), ValueError, "sparsities is empty"),
+    (lambda m, c: P.layer_sensitivity(m, c, sparsities="0.5"), TypeError, "sparsities"),
+    (lambda m, c: P.fisher_diagonal(m, c, batches=[]), ValueError, "batches is empty"),
+    (lambda m, c: P.fisher_diagonal(m, c, batches=[5]), TypeError, "batches"),
+    (lambda m, c: P.fisher_diagonal(m, c, batches=[(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]), ValueError,
+     "batches of shape .* does not fit model"),
+    (lambda m, c: P.fisher_diagonal(m, c, batches=[(torch.randn(2, 1, 8, 8), torch.tensor([0, 11]))]), ValueError,
+     "target holds class 11"),
+    (lambda m, c: P.hessian_diagonal(m, c, max_params=-1), ValueError, "max_params"),
+    (lambda m, c: P.agp_prune(m, c, sparsity=0.5, initial_sparsity=0.8), ValueError, "initial_sparsity=0.8 must not"),
+    (lambda m, c: P.agp_sparsity(5, initial_sparsity=0.8, final_sparsity=0.5, end_step=10), ValueError,
+     "initial_sparsity"),
+    (lambda m, c: P.AGPCallback(5, final_sparsity=0.5, end_step=10), TypeError, "masks_fn"),
+    (lambda m, c: P.magnitude_prune(m, c, sparsity=0.5, exclude=5), TypeError, "exclude"),
+    (lambda m, c: P.make_masks(m, 0.5, scores=5), TypeError, "scores"),
+    (lambda m, c: P.group_masks(m, 0.5, relative="yes"), TypeError, "relative"),
+    (lambda m, c: P.prunable_weights("model"), TypeError, "model"),
+    (lambda m, c: P.sparsity_table("model"), TypeError, "model"),
+    (lambda m, c: P.group_norms("model"), TypeError, "model"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD_PRUNING_CALLS)
+def test_bad_pruning_arguments(ctx, call, error, match):
+    with pytest.raises(error, match=match):
+        call(cnn(ctx), ctx)
+
+
+def test_bad_masks_and_scores():
+    layer = nn.Linear(2, 2)
+    nan_scores = {"a": torch.tensor([float("nan"), 1.0, 2.0])}
+    with pytest.raises(ValueError, match=r"scores\['a'\] must be finite"):
+        P.layerwise_masks(nan_scores, 0.5)
+    with pytest.raises(ValueError, match=r"scores\['a'\] must be finite"):
+        P.global_masks(nan_scores, 0.5)
+    with pytest.raises(ValueError, match="scores is empty"):
+        P.global_masks({}, 0.5)
+    with pytest.raises(ValueError, match=r"sparsity has no entry for \['a'\]"):
+        P.layerwise_masks({"a": torch.rand(4)}, {"b": 0.5})
+    with pytest.raises(TypeError, match="weights must be"):
+        P.magnitude_scores([1, 2])
+    with pytest.raises(TypeError, match=r"masks\['weight'\] must be a bool tensor"):
+        P.apply_masks(layer, {"weight": torch.full((2, 2), 0.5)})
+    with pytest.raises(TypeError, match="masks"):
+        P.MaskCallback("abc")
+    with pytest.raises(ValueError, match="masks is empty"):
+        P.mask_sparsity({})
+    with pytest.raises(ValueError, match=r"fisher\['a'\] has shape"):
+        P.obd_scores({"a": torch.rand(3)}, {"a": torch.rand(4)})

@@ -251,7 +251,7 @@ def test_packed_file_round_trip(trained, ctx, bits, tmp_path):
 def test_qat_trains_and_freezes(trained, ctx, quantizer, bits, tmp_path):
     # 3 epochs at lr 1e-3: binary QAT needs them on every CPU (1 epoch at 1e-4 stayed at chance on some).
     snap = snapshot(trained)
-    q = Q.qat(trained, ctx, bits=4, quantizer=quantizer, epochs=3, lr=1e-3)
+    q = Q.qat(trained, ctx, bits=bits, quantizer=quantizer, epochs=3, lr=1e-3)
     assert_unchanged(trained, snap)
     names = Q.quantizable_layers(trained)
     inner = Q.quant_layers(q)[names[1]]
@@ -488,3 +488,125 @@ def test_ptq_bias_correction_flag(trained, ctx):
     assert corrected.compression["bias_correction"] is True
     with pytest.raises(TypeError, match="bias_correction"):
         Q.ptq(trained, ctx, bias_correction="yes")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+X = torch.linspace(-1.0, 1.0, 11)
+S1, Z0 = torch.tensor(0.1), torch.tensor(0)
+W = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+NAN = float("nan")
+
+BAD_GRID_CALLS = [
+    (lambda: Q.quantize(X, torch.tensor(0.0), Z0, -7, 7), ValueError, "scale must be finite and > 0"),
+    (lambda: Q.quantize(X, torch.tensor(-0.1), Z0, -7, 7), ValueError, "scale"),
+    (lambda: Q.quantize(X, torch.tensor(NAN), Z0, -7, 7), ValueError, "scale"),
+    (lambda: Q.quantize(X, S1, Z0, 7, -7), ValueError, "qmin=7 must be below qmax=-7"),
+    (lambda: Q.quantize(X, S1, Z0, -7.5, 7), TypeError, "qmin"),
+    (lambda: Q.quantize(X, S1, torch.tensor(0.5), -7, 7), ValueError, "zero_point must hold integers"),
+    (lambda: Q.quantize(X, S1, torch.tensor(100), -7, 7), ValueError, "zero_point must lie in"),
+    (lambda: Q.quantize(torch.tensor([NAN]), S1, Z0, -7, 7), ValueError, "x must be finite"),
+    (lambda: Q.quantize([1.0], S1, Z0, -7, 7), TypeError, "x must be a torch.Tensor"),
+    (lambda: Q.fake_quantize(X, torch.tensor(0.0), Z0, -7, 7), ValueError, "scale"),
+    (lambda: Q.fake_quantize(X, S1, Z0, 7, -7), ValueError, "qmin"),
+    (lambda: Q.dequantize(torch.tensor([1, 2]), torch.tensor(0.0), Z0), ValueError, "scale"),
+    (lambda: Q.dequantize(torch.tensor([0.5]), S1, Z0), TypeError, "q must hold integer codes"),
+    (lambda: Q.qparams(NAN, 1.0, 8), ValueError, "lo must be finite"),
+    (lambda: Q.qparams(-1.0, float("inf"), 8), ValueError, "hi must be finite"),
+    (lambda: Q.qparams("a", 1.0, 8), TypeError, "lo"),
+    (lambda: Q.qrange(4, "yes"), TypeError, "symmetric"),
+    (lambda: Q.sqnr_db(torch.randn(3), torch.randn(4)), ValueError, "x and x_hat"),
+    (lambda: Q.sqnr_db(torch.zeros(3), torch.ones(3)), ValueError, "x is all zeros"),
+    (lambda: Q.calibrate_range(torch.tensor([NAN, 1.0])), ValueError, "x must be finite"),
+    (lambda: Q.calibrate_range(torch.randn(3, 4), axis=3), ValueError, "axis"),
+    (lambda: Q.calibrate_range([1.0, 2.0]), TypeError, "x"),
+    (lambda: Q.lsq_quantize(X, torch.tensor(0.1), 7, -7), ValueError, "qmin"),
+    (lambda: Q.lsq_quantize(X, torch.tensor(0.1), -7, 7, features=0), ValueError, "features"),
+    (lambda: Q.lsq_quantize(X, 0.1, -7, 7), TypeError, "step"),
+    (lambda: Q.lsq_quantize(X, torch.tensor(0.0), -7, 7), ValueError, "step must be finite and non-zero"),
+    (lambda: Q.lsq_quantize(X, torch.tensor([0.1, NAN]), -7, 7, axis=0), ValueError, "step"),
+    (lambda: Q.binary_weight(torch.randn(5)), ValueError, "w must have shape"),
+    (lambda: Q.binary_weight(torch.zeros(0, 3)), ValueError, "w must not be empty"),
+    (lambda: Q.ternary_weight(W, threshold=-1), ValueError, "threshold"),
+    (lambda: Q.ternary_weight(W, threshold=NAN), ValueError, "threshold"),
+    (lambda: Q.ternary_weight(W, threshold=100), ValueError, "threshold"),
+    (lambda: Q.fold_conv_bn(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5)), ValueError, "bn must be a BatchNorm2d"),
+    (lambda: Q.fold_conv_bn(nn.Linear(3, 4), nn.BatchNorm2d(4)), TypeError, "conv"),
+    (lambda: Q.quant_layers("model"), TypeError, "model"),
+    (lambda: Q.quantizable_layers("model"), TypeError, "model"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD_GRID_CALLS)
+def test_bad_grid_arguments_are_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_threshold_in_range_keeps_ternary_weights():
+    for threshold in (0.0, 0.7, 0.99):
+        values = torch.unique(Q.ternary_weight(W, threshold))
+        assert len(values) <= 3 * W.shape[0] and bool((values != 0).any())
+
+
+@pytest.mark.parametrize("quantizer,fixed", [("binary", 1), ("ternary", 2)])
+def test_fixed_width_quantizers_reject_other_bits(trained, quantizer, fixed):
+    for bits in (999, 0, 4):
+        with pytest.raises(ValueError, match=rf"bits={bits} does not apply to quantizer='{quantizer}'.*bits={fixed}"):
+            Q.weight_quantize(trained, quantizer, bits=bits)
+        with pytest.raises(ValueError, match=rf"bits={bits} does not apply"):
+            Q.prepare(trained, bits=bits, quantizer=quantizer)
+    names = Q.quantizable_layers(trained)
+    for bits in (fixed, "auto"):
+        assert Q.quant_layers(Q.weight_quantize(trained, quantizer, bits=bits))[names[1]].weight_bits == fixed
+    with pytest.raises(ValueError, match="bits='x'"):
+        Q.weight_quantize(trained, quantizer, bits="x")
+
+
+def test_calibration_inputs_that_do_not_fit_the_model(trained, ctx):
+    q = Q.prepare(trained, bits=8)
+    x = ctx.example_input(4)
+    with pytest.raises(ValueError, match="batches of shape .* does not fit model"):
+        Q.calibrate(q, [(torch.randn(4, 3, 8, 8), None)])
+    with pytest.raises(ValueError, match="batches of shape .* does not fit model"):
+        Q.observe_activations(q, [torch.randn(4, 1, 4)])
+    with pytest.raises(ValueError, match="batches must be finite"):
+        Q.calibrate(q, [torch.full_like(x, NAN)])
+    with pytest.raises(TypeError, match="batches"):
+        Q.calibrate(q, 5)
+    with pytest.raises(TypeError, match="batches"):
+        Q.calibrate(q, ["a"])
+    with pytest.raises(ValueError, match="no quantized layers"):
+        Q.calibrate(trained, [x])
+    with pytest.raises(ValueError, match="no quantized layers"):
+        Q.freeze(copy.deepcopy(trained))
+    with pytest.raises(ValueError, match="nothing to calibrate"):
+        Q.calibrate(Q.prepare(trained, bits=8, act_bits=None), [x])
+    with pytest.raises(ValueError, match="not calibrated"):
+        Q.correct_bias(Q.prepare(trained, bits=4), [x])
+    with pytest.raises(ValueError, match="batches of shape"):
+        Q.correct_bias(Q.prepare(trained, bits=4, act_bits=None), [torch.randn(4, 3, 8, 8)])
+    with pytest.raises(TypeError, match="layer_bits must be"):
+        Q.prepare(trained, bits=None, layer_bits="abc")
+    with pytest.raises(TypeError, match="bits_options"):
+        Q.bit_sensitivity(trained, ctx, bits_options=4)
+
+
+def test_mixed_precision_bad_tables():
+    good = pd.DataFrame([dict(layer="a", bits=8, drop=0.0), dict(layer="a", bits=2, drop=0.1)])
+    both = pd.concat([good, good.assign(layer="b")])
+    with pytest.raises(ValueError, match=r"units has no entry for the sensitivity layers \['b'\]"):
+        Q.allocate_bits(both, {"a": 10}, 4.0)
+    with pytest.raises(ValueError, match="drops must be finite"):
+        Q.allocate_bits(good.assign(drop=[0.0, float("inf")]), {"a": 10}, 4.0)
+    with pytest.raises(ValueError, match="bits must be integers"):
+        Q.allocate_bits(good.assign(bits=[8.5, 2]), {"a": 10}, 4.0)
+    with pytest.raises(ValueError, match="bits must be integers"):
+        Q.allocate_bits(good.assign(bits=[8, 1]), {"a": 10}, 4.0)
+    with pytest.raises(ValueError, match=r"units has no entry for the alloc layers \['b'\]"):
+        Q.average_bits({"a": 4, "b": 2}, {"a": 1})
+    with pytest.raises(ValueError, match="alloc is empty"):
+        Q.average_bits({}, {"a": 1})
+    with pytest.raises(ValueError, match=r"units\['a'\]"):
+        Q.average_bits({"a": 4}, {"a": 0})
+    with pytest.raises(TypeError, match="alloc"):
+        Q.average_bits("a", {"a": 1})

@@ -215,3 +215,234 @@ def test_storage_helpers_check_their_input():
         sparse_storage("model")
     with pytest.raises(ValueError, match="run kmeans_share first"):
         huffman_coding(torch.nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------- same seed, same bits
+
+
+@pytest.fixture
+def nondeterministic_torch():
+    """torch's default kernels (deterministic algorithms off) at 2 threads, as in a session that never seeded;
+    the previous settings are restored after."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(2)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.set_num_threads(threads)
+
+
+def _big_pruned_mlp() -> nn.Module:
+    """An MLP whose first layer has 153600 weights: far above torch's 32768-element grain, from which plain
+    indexing's gradient is summed with parallel atomic adds (in an order that changes when threads overlap)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2400), nn.ReLU(), nn.Linear(2400, 10))
+    return _pruned(net, 0.9)
+
+
+def test_codebook_gradient_is_the_same_bits_at_two_threads_as_serial(nondeterministic_torch):
+    layer = kmeans_share(_big_pruned_mlp(), bits=5, finetune=False)[1]
+    upstream = torch.randn(layer.indices.shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for _ in range(50):
+        layer.codebook.grad = None
+        (layer.weight * upstream).sum().backward()
+        grads.append(layer.codebook.grad.clone())
+    torch.set_num_threads(1)  # reference: plain indexing at 1 thread sums serially, in index order
+    cb = torch.cat([layer.codebook.new_zeros(1), layer.codebook[1:]]).detach().requires_grad_()
+    (cb[layer.indices] * upstream).sum().backward()
+    reference = cb.grad.clone()
+    reference[0] = 0.0
+    distinct = {g.numpy().tobytes() for g in grads}
+    print(f"distinct codebook gradients over 50 runs at 2 threads: {len(distinct)}")
+    assert len(distinct) == 1 and torch.equal(grads[0], reference)
+
+
+def _share_and_store(ctx: Context, path) -> tuple[dict[str, torch.Tensor], bytes]:
+    model = kmeans_share(_big_pruned_mlp(), ctx, bits=5)
+    stored_bytes(model, path=path)
+    return model.state_dict(), path.read_bytes()
+
+
+def test_kmeans_share_same_seed_gives_the_same_bits(ctx, tmp_path, nondeterministic_torch):
+    # fine-tuning runs fit(), whose seed_everything turns deterministic kernels on: the promise, end to end
+    (a, file_a), (b, file_b) = (_share_and_store(ctx, tmp_path / f"{i}.shared") for i in (1, 2))
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    print(f"tensors that differ: {differ}; file bytes {len(file_a)} vs {len(file_b)}")
+    assert not differ and file_a == file_b
+
+
+_SHARE_SCRIPT = """
+import hashlib, sys, pathlib, torch
+sys.path.insert(0, {tests!r})
+from test_methods_sharing import _big_pruned_mlp
+from survey_lib.cost import stored_bytes
+from survey_lib.data import load
+from survey_lib.methods import Context
+from survey_lib.methods.sharing import kmeans_share
+from survey_lib.tasks import task_for
+torch.set_num_threads(2)
+data = load("digits", "classification", n=300)
+ctx = Context(task=task_for(data), data=data, budget=1, batch_size=32)
+path = pathlib.Path({path!r})
+stored_bytes(kmeans_share(_big_pruned_mlp(), ctx, bits=5), path=path)
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_kmeans_share_file_is_the_same_bits_in_two_processes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    digests = []
+    for i in (1, 2):
+        script = _SHARE_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / f"{i}.shared"))
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        digests.append(out.stdout.strip().splitlines()[-1])
+    print(f"sha256 of the stored file in two processes: {digests}")
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+def test_seed_everything_turns_on_deterministic_kernels_and_checks_its_arguments(nondeterministic_torch):
+    from survey_lib.profiles import seed_everything
+
+    seed_everything(0, threads=2)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.get_num_threads() == 2
+    with pytest.raises(TypeError, match="deterministic must be True or False"):
+        seed_everything(0, deterministic="yes")
+    with pytest.raises(ValueError, match="threads=0 is out of range"):
+        seed_everything(0, threads=0)
+    with pytest.raises(ValueError, match="seed=-1 is out of range"):
+        seed_everything(-1)
+
+
+# ---------------------------------------------------------------- bad files and bad arguments
+
+
+def _bad_variants(good: bytes, other: bytes) -> dict[str, bytes]:
+    """A file's bytes broken the usual ways: empty, random, truncated, wrong magic, another format's valid file."""
+    return {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
+            "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "shared", "deep_compression"])
+def test_read_stored_names_the_file_and_what_is_wrong(tmp_path, fmt):
+    pruned = _pruned(_net(), 0.85)
+    stored_bytes(pruned if fmt == "sparse" else kmeans_share(pruned, bits=5, finetune=False), fmt=fmt, path=tmp_path / "good")
+    stored_bytes(pruned, fmt="dense", path=tmp_path / "other.dense")
+    good, other = (tmp_path / "good").read_bytes(), (tmp_path / "other.dense").read_bytes()
+    expected = {"empty": "the file is empty", "random": "bad magic", "truncated": "truncated",
+                "wrong magic": "bad magic b'NOTMAGIC'", "another format": "bad magic b'SLDENSE1'"}
+    for case, data in _bad_variants(good, other).items():
+        path = tmp_path / f"{case.replace(' ', '_')}.{fmt}"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{path.name}: not a valid sparse/shared/deep_compression file: {expected[case]}"):
+            load_stored(path, _net())
+    with pytest.raises(FileNotFoundError, match="missing.shared"):
+        read_stored(tmp_path / "missing.shared")
+
+
+def test_read_stored_rejects_a_corrupt_header_and_streams(tmp_path):
+    import json
+    import struct
+    import zlib
+
+    shared = kmeans_share(_pruned(_net(), 0.85), bits=5, finetune=False)
+    stored_bytes(huffman_coding(shared), path=tmp_path / "m.dc")
+    good = (tmp_path / "m.dc").read_bytes()
+    (hlen,) = struct.unpack_from("<I", good, 8)
+    (tmp_path / "zlib.dc").write_bytes(good[:12] + bytes(b ^ 0xFF for b in good[12:20]) + good[20:])
+    with pytest.raises(ValueError, match="zlib.dc: not a valid sparse/shared/deep_compression file: corrupt compressed data"):
+        read_stored(tmp_path / "zlib.dc")
+
+    def with_header(edit) -> bytes:
+        header = json.loads(zlib.decompress(good[12:12 + hlen]))
+        edit(header)
+        blob = zlib.compress(json.dumps(header).encode())
+        return good[:8] + struct.pack("<I", len(blob)) + blob + good[12 + hlen:]
+
+    (tmp_path / "keys.dc").write_bytes(with_header(lambda h: h.pop("t")))
+    (tmp_path / "dtype.dc").write_bytes(with_header(lambda h: [e.update(d="Linear") for e in h["t"] if e["e"] == "raw"]))
+    for file, match in (("keys.dc", "entry 't' is missing"), ("dtype.dc", "unknown dtype 'Linear'")):
+        with pytest.raises(ValueError, match=f"{file}: not a valid sparse/shared/deep_compression file: {match}"):
+            read_stored(tmp_path / file)
+    # a Huffman table inside the file that no longer parses: the error names the file and the table
+    entries = json.loads(zlib.decompress(good[12:12 + hlen]))["t"]
+    i = next(i for i, e in enumerate(entries) if e["e"] == "cbh" and e["h"][0])  # its gap stream is Huffman coded
+    start = 12 + hlen + sum(sum(e["l"]) for e in entries[:i]) + entries[i]["l"][0]  # after the codebook stream
+    # a codebook cut to one entry while the codes still point further: rejected, not an IndexError at inference
+    cb_at = 12 + hlen + sum(sum(e["l"]) for e in entries[:i])
+    short = [dict(e, l=[4] + e["l"][1:]) if j == i else e for j, e in enumerate(entries)]
+    blob = zlib.compress(json.dumps({"f": "deep_compression", "v": 1, "t": short}).encode())
+    (tmp_path / "codes.dc").write_bytes(good[:8] + struct.pack("<I", len(blob)) + blob + good[12 + hlen:cb_at + 4]
+                                        + good[cb_at + entries[i]["l"][0]:])
+    with pytest.raises(ValueError, match=f"codes.dc: not a valid sparse/shared/deep_compression file: layer "
+                                         f"'{entries[i]['n']}' has code .* but a codebook of 1 entries"):
+        read_stored(tmp_path / "codes.dc")
+    broken = bytearray(good)
+    broken[start + 2] = 3  # table symbol width 3: not 1, 2 or 4
+    (tmp_path / "table.dc").write_bytes(bytes(broken))
+    with pytest.raises(ValueError, match="table.dc: not a valid sparse/shared/deep_compression file: data: not a valid "
+                                         "Huffman table: symbol width 3"):
+        read_stored(tmp_path / "table.dc")
+
+
+def test_load_stored_rejects_a_template_that_does_not_fit(tmp_path):
+    stored_bytes(kmeans_share(_pruned(_net()), bits=4, finetune=False), path=tmp_path / "m.shared")
+    with pytest.raises(ValueError, match="m.shared: the stored tensors do not fit template"):
+        load_stored(tmp_path / "m.shared", nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        load_stored(tmp_path / "m.shared", "template")
+
+
+def test_kmeans_functions_reject_bad_values():
+    x = np.array([1.0, 1.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match=r"k=4 is more clusters than x has distinct values \(2\)"):
+        kmeans_1d(x, 4)
+    with pytest.raises(ValueError, match="init holds NaN or inf"):
+        kmeans_1d(x, 2, init=[float("nan"), 1.0])
+    with pytest.raises(ValueError, match="max_iter=0 is out of range"):
+        kmeans_1d(x, 2, max_iter=0)
+    with pytest.raises(ValueError, match="x must hold at least one value"):
+        linear_init(np.array([]), 3)
+    with pytest.raises(TypeError, match="x must hold real numbers"):
+        linear_init(np.array(["a"]), 2)
+    from survey_lib.methods.sharing import assign_1d
+
+    with pytest.raises(ValueError, match="centroids must be sorted ascending"):
+        assign_1d(np.array([1.0, 5.0]), np.array([4.0, 0.0]))
+
+
+def test_shared_layer_construction_rejects_bad_codebooks():
+    from survey_lib.methods.sharing import make_shared
+
+    layer = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"indices must lie in 0..3 \(the codebook's entries\), got 9..9"):
+        make_shared(layer, torch.zeros(4), torch.full((3, 4), 9), 2, False)
+    with pytest.raises(ValueError, match="codebook has 8 entries; bits=2 allows 1..4"):
+        make_shared(layer, torch.zeros(8), torch.zeros(3, 4, dtype=torch.int64), 2, False)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        make_shared(layer, torch.zeros(4), torch.zeros(3, 4), 2, False)
+    with pytest.raises(TypeError, match="zero_code must be True or False"):
+        make_shared(layer, torch.zeros(4), torch.zeros(3, 4, dtype=torch.int64), 2, 1)
+    with pytest.raises(ValueError, match="weight must be finite"):
+        share_weight(torch.tensor([[float("nan"), 1.0]]), 2)
+
+
+def test_kmeans_share_rejects_sharing_nothing():
+    net = _net()
+    with pytest.raises(ValueError, match=r"bits=\{\} shares no layer; name at least one of \['0', '3', '6'\]"):
+        kmeans_share(net, bits={}, finetune=False)
+    with pytest.raises(ValueError, match=r"bits=\{'0': None\} shares no layer"):
+        kmeans_share(net, bits={"0": None}, finetune=False)
+    with pytest.raises(ValueError, match="model has no Conv2d or Linear layer left to share"):
+        kmeans_share(nn.Sequential(nn.ReLU()), bits=3, finetune=False)
+    with pytest.raises(TypeError, match="finetune must be True or False"):
+        kmeans_share(net, bits=3, finetune="no")
+    with pytest.raises(ValueError, match="model_shared has no shared layer"):
+        deep_compression_stages(net, net)
+    with pytest.raises(TypeError, match="ctx must be a survey_lib.methods.Context or None"):
+        sparse_storage(net, ctx="ctx")

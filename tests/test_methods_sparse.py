@@ -96,3 +96,39 @@ def test_sweep_shape_and_columns():
     assert (df["dense_median_ms"] > 0).all() and (df["sparse_median_ms"] > 0).all()
     assert (df["kind"] == "measured").all()
     assert df.loc[df["sparsity"] == 0.9, "nnz"].iloc[0] == round(0.1 * 4 * 4 * 9)
+
+
+def test_sparse_layers_and_helpers_reject_bad_input():
+    from survey_lib.methods.sparse import make_layer, unsupported_conv
+
+    with pytest.raises(ValueError, match=r"x of shape \(2, 5\) does not fit SparseLinear: its last dim must be in_features=4"):
+        SparseLinear(nn.Linear(4, 2))(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="it has 2 channels, the conv expects in_channels=3"):
+        SparseConv2d(nn.Conv2d(3, 2, 3))(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\) or \(C, H, W\)"):
+        SparseConv2d(nn.Conv2d(3, 2, 3))(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"shape\['linear'\] in=0 is out of range"):
+        make_layer({"linear": (0, 4)})
+    with pytest.raises(ValueError, match=r"shape must be \{'linear': \(in, out\)\}"):
+        make_layer({"linear": (4,)})
+    with pytest.raises(TypeError, match="layer must be an nn.Linear or nn.Conv2d, got ReLU"):
+        random_pruned(nn.ReLU(), 0.5)
+    with pytest.raises(ValueError, match="seed=-1 is out of range"):
+        random_pruned(nn.Linear(2, 2), 0.5, seed=-1)
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
+        unsupported_conv(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"sparsities must be a non-empty list or tuple, got \(\)"):
+        sparsity_latency_sweep({"linear": (4, 4)}, sparsities=())
+    with pytest.raises(TypeError, match="ctx must be a survey_lib.methods.Context or None"):
+        sparsify(nn.Sequential(nn.Linear(2, 2)), ctx="ctx")
+
+
+def test_crossover_rejects_tables_it_cannot_read():
+    with pytest.raises(ValueError, match="df needs a 'sparsity' column"):
+        crossover_sparsity(pd.DataFrame({"speedup": [1.2]}))
+    with pytest.raises(ValueError, match="df holds NaN, inf or non-positive sparsity/speedup values"):
+        crossover_sparsity(pd.DataFrame({"sparsity": [0.5, 0.9], "speedup": [float("nan"), 1.5]}))
+    with pytest.raises(ValueError, match="df is empty"):
+        crossover_table(pd.DataFrame(columns=["sparsity", "speedup"]))
+    with pytest.raises(TypeError, match="df must be a pandas DataFrame"):
+        crossover_table([1, 2])

@@ -399,3 +399,39 @@ def test_ignore_names_and_context_are_checked():
         prune(model, None, ratio=0.5, finetune=False, ignore=("nonexistent",))
     with pytest.raises(TypeError, match="ctx must be a survey_lib.methods.Context"):
         prune(model, "ctx", ratio=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _vgg():
+    return build_model("vgg", get_task("classification", num_classes=3), in_channels=3, width=0.25, image_size=16)
+
+
+BAD_STRUCTURED_CALLS = [
+    (lambda m, g: l1_filter_prune(m, None, ratio=0.5, finetune="no"), TypeError, "finetune must be True or False"),
+    (lambda m, g: l1_filter_prune(m, None, ratio=0.5, finetune=False, prune_residual="no"), TypeError,
+     "prune_residual"),
+    (lambda m, g: l1_filter_prune(m, None, ratio=0.5, finetune=False, ignore=5), TypeError, "ignore"),
+    (lambda m, g: l1_filter_prune(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), None, ratio=0.5, finetune=False),
+     ValueError, "no prunable channel group"),
+    (lambda m, g: slim_prune(m, None, ratio=0.5, finetune=False, global_threshold="no"), TypeError, "global_threshold"),
+    (lambda m, g: slimming_train(m, None), TypeError, "ctx"),
+    (lambda m, g: slimming_train("model", None), TypeError, "model"),
+    (lambda m, g: channel_groups(m, include_fixed="no"), TypeError, "include_fixed"),
+    (lambda m, g: l1_importance("group"), TypeError, "group"),
+    (lambda m, g: bn_scale_importance("group"), TypeError, "group"),
+    (lambda m, g: prune_channels(m, [1, 2]), TypeError, "plan"),
+    (lambda m, g: prune_channels(m, {g.id: "ab"}), TypeError, "kept indices"),
+    (lambda m, g: keep_plan([g], [1], 0.5), TypeError, "scores"),
+    (lambda m, g: keep_plan([g], {g.id: torch.rand(2)}, 0.5), ValueError, "scores.* has 2 values"),
+    (lambda m, g: keep_plan([g], {g.id: torch.full((g.size,), float("nan"))}, 0.5), ValueError, "must be finite"),
+    (lambda m, g: keep_plan([g], {99: torch.rand(3)}, 0.5), ValueError, "scores names none of the groups"),
+    (lambda m, g: keep_plan("abc", {}, 0.5), TypeError, "groups"),
+    (lambda m, g: channel_counts("model"), TypeError, "model"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD_STRUCTURED_CALLS)
+def test_bad_structured_arguments(call, error, match):
+    model = _vgg()
+    with pytest.raises(error, match=match):
+        call(model, channel_groups(model)[0])

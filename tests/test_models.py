@@ -114,3 +114,54 @@ def test_conv_block_dense_vs_depthwise_separable():
     assert sum(p.numel() for p in separable.parameters()) < sum(p.numel() for p in dense.parameters())
     with pytest.raises(ValueError, match="kind.*dense.*depthwise_separable"):
         conv_block("grouped", 16, 32)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_width_below_the_channel_floor_is_rejected_with_the_smallest_accepted_width():
+    from survey_lib.models import MIN_CHANNELS, min_width
+
+    task = get_task("classification", num_classes=10, image_size=8)
+    for arch in ARCHS:
+        smallest = min_width(arch)
+        with pytest.raises(ValueError, match=rf"width=0.001 .* accepted: {smallest!r} <= width"):
+            build_model(arch, task, in_channels=1, width=0.001)
+        model = build_model(arch, task, in_channels=1, width=smallest)
+        widths = [m.out_channels for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+        widths += [m.out_features for m in model.backbone.modules() if isinstance(m, nn.Linear)]
+        assert min(widths) == MIN_CHANNELS and model.config["width"] == smallest
+
+
+BAD_MODEL_CALLS = [
+    (lambda: vgg_layout(0.0, 2, 32), ValueError, "width"),
+    (lambda: vgg_layout(1.0, 0, 32), ValueError, "depth"),
+    (lambda: num_downsamplings(0), ValueError, "image_size"),
+    (lambda: num_downsamplings(32, -1), ValueError, "max_down"),
+    (lambda: count_params("model"), TypeError, "model"),
+    (lambda: TaskModel("backbone", nn.Identity(), {}), TypeError, "backbone"),
+    (lambda: TaskModel(nn.Identity(), nn.Identity(), None), TypeError, "config"),
+    (lambda: build_model("vgg", get_task("segmentation", num_classes=3, image_size=32), in_channels=1, image_size=8),
+     ValueError, "image_size=8 differs"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD_MODEL_CALLS)
+def test_bad_model_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(cin=0, cout=4), ValueError, "cin"), (dict(cin=4, cout=4, stride=0), ValueError, "stride"),
+    (dict(cin=4, cout=4, stride=1.5), TypeError, "stride"), (dict(cin=4, cout=4, kernel=0), ValueError, "kernel"),
+    (dict(cin=4, cout=4, groups=3), ValueError, "groups"),
+])
+def test_bad_block_arguments(kwargs, error, match):
+    from survey_lib.models import BasicBlock, DepthwiseSeparable, conv_block, conv_bn_relu
+
+    with pytest.raises(error, match=match):
+        conv_bn_relu(**kwargs)
+    block_kwargs = {k: v for k, v in kwargs.items() if k in ("cin", "cout", "stride")}
+    if len(block_kwargs) == len(kwargs):
+        for make in (BasicBlock, DepthwiseSeparable, lambda **kw: conv_block("dense", **kw)):
+            with pytest.raises(error, match=match):
+                make(**block_kwargs)

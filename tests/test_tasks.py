@@ -200,3 +200,90 @@ def test_spec_is_json_like():
         spec = get_task(name, num_classes=k).spec()
         assert json.loads(json.dumps(spec))["name"] == name
         assert not math.isnan(spec["num_classes"])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+CLS = get_task("classification", num_classes=3)
+REG = get_task("regression", num_classes=1)
+SEG = get_task("segmentation", num_classes=3, image_size=8)
+DET = get_task("detection", num_classes=2, image_size=32)
+NAN = float("nan")
+BOX = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+ONE_GT = [(BOX, torch.tensor([0]))]
+
+
+def no_dets(k: int = 0) -> Detections:
+    return Detections(torch.zeros(k, 4), torch.zeros(k), torch.zeros(k, dtype=torch.int64))
+
+
+BAD_TASK_CALLS = [
+    # (call, error, parameter named in the message)
+    (lambda: CLS.loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 5])), ValueError, "target holds class 5"),
+    (lambda: CLS.loss(torch.randn(4, 3), torch.tensor([0, 1, 2, -1])), ValueError, "target holds class -1"),
+    (lambda: CLS.loss(torch.randn(4, 3), torch.tensor([0, 1])), ValueError, "target of shape"),
+    (lambda: CLS.loss(torch.randn(4, 5), torch.tensor([0, 1, 2, 1])), ValueError, "output must have shape"),
+    (lambda: CLS.loss(torch.randn(4, 3), torch.rand(4)), TypeError, "target must hold integer"),
+    (lambda: CLS.loss(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), ValueError, "output"),
+    (lambda: CLS.loss([[1.0, 2.0, 3.0]], torch.tensor([0])), TypeError, "output must be a torch.Tensor"),
+    (lambda: CLS.metric_state().update(torch.randn(4, 3), torch.tensor([0, 1])), ValueError, "target of shape"),
+    (lambda: CLS.metric_state().update(torch.randn(4), torch.tensor([0, 1, 1, 1])), ValueError, "output"),
+    (lambda: CLS.metric_state().compute(), ValueError, "no examples"),
+    (lambda: CLS.head(0), ValueError, "in_channels"),
+    (lambda: CLS.better(NAN, 0.5), ValueError, "a must be a finite"),
+    (lambda: REG.loss(torch.randn(4, 1), torch.randn(3)), ValueError, "target of shape"),
+    (lambda: REG.loss([1.0], torch.randn(1)), TypeError, "output"),
+    (lambda: REG.metric_state().update(torch.randn(4, 1), torch.randn(3)), ValueError, "target of shape"),
+    (lambda: REG.metric_state().compute(), ValueError, "no examples"),
+    (lambda: SEG.loss(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long)), ValueError, "target of shape"),
+    (lambda: SEG.loss(torch.randn(2, 3, 8, 8), torch.full((2, 8, 8), 3)), ValueError, "target holds class 3"),
+    (lambda: SEG.metric_state().update(torch.randn(2, 3, 8, 8), torch.full((2, 8, 8), 5)), ValueError, "target holds"),
+    (lambda: SEG.metric_state().update(torch.randn(2, 5, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)), ValueError,
+     "output"),
+    (lambda: confusion_matrix(torch.tensor([0, 5]), torch.tensor([0, 1]), 3), ValueError, "pred holds class 5"),
+    (lambda: confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, -1]), 3), ValueError, "target holds class -1"),
+    (lambda: confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), 3), ValueError, "pred .* and target"),
+    (lambda: confusion_matrix(torch.tensor([0.5, 1.0]), torch.tensor([0, 1]), 3), TypeError, "pred must hold integer"),
+    (lambda: confusion_matrix(torch.tensor([0]), torch.tensor([0]), 0), ValueError, "num_classes"),
+    (lambda: mean_iou(torch.zeros(2, 3)), ValueError, "confusion must be a square"),
+    (lambda: mean_iou(torch.zeros(3, 3)), ValueError, "confusion must hold"),
+    (lambda: DET.decode(torch.randn(4, 7)), ValueError, "output must have shape"),
+    (lambda: DET.decode(torch.randn(1, 5, 4, 4)), ValueError, "output must have shape"),
+    (lambda: DET.decode(torch.randn(0, 7, 4, 4)), ValueError, "output"),
+    (lambda: DET.loss(torch.randn(1, 7, 4, 4), torch.tensor([[[5.0, 0, 0, 8, 8]]])), ValueError, "target holds label 5"),
+    (lambda: DET.loss(torch.randn(2, 7, 4, 4), torch.tensor([[[1.0, 0, 0, 8, 8]]])), ValueError, "target holds 1"),
+    (lambda: DET.loss(torch.randn(2, 7, 4, 4), torch.randn(2, 4)), ValueError, "target must have shape"),
+    (lambda: DET.encode(torch.tensor([[[1.0, 0, 0, 8, 8]]]), (0, 0)), ValueError, "grid"),
+    (lambda: DET.metric_state().update(torch.randn(2, 7, 4, 4), torch.tensor([[[1.0, 0, 0, 8, 8]]])), ValueError,
+     "target holds 1"),
+    (lambda: DET.metric_state().compute(), ValueError, "no examples"),
+    (lambda: box_iou(torch.rand(2, 3), torch.rand(2, 4)), ValueError, "a must have shape"),
+    (lambda: box_iou(torch.rand(2, 4), torch.rand(4)), ValueError, "b must have shape"),
+    (lambda: box_iou(torch.tensor([[NAN, 0, 1, 1]]), torch.rand(2, 4)), ValueError, "a must be finite"),
+    (lambda: nms(torch.rand(3, 4), torch.rand(2), 0.5), ValueError, "scores"),
+    (lambda: nms(torch.rand(3, 4), torch.rand(3), 2.0), ValueError, "iou"),
+    (lambda: nms(torch.rand(3, 3), torch.rand(3), 0.5), ValueError, "boxes"),
+    (lambda: voc_average_precision([0.1, 0.2], [1.0]), ValueError, "recall .* and precision"),
+    (lambda: voc_average_precision([0.5, 2.0], [1.0, 1.0]), ValueError, "recall"),
+    (lambda: mean_average_precision([], ONE_GT, 2), ValueError, "detections .* and ground_truth"),
+    (lambda: mean_average_precision([no_dets()], [(torch.zeros(1, 3), torch.tensor([0]))], 2), ValueError,
+     "ground_truth boxes"),
+    (lambda: mean_average_precision([1], ONE_GT, 2), TypeError, "detections"),
+    (lambda: mean_average_precision([no_dets()], ONE_GT, 0), ValueError, "num_classes"),
+    (lambda: mean_average_precision([no_dets()], ONE_GT, 2, NAN), ValueError, "iou"),
+    (lambda: Detections(torch.zeros(2, 4), torch.zeros(1), torch.zeros(2)), ValueError, "boxes .* scores"),
+    (lambda: get_task("classification", num_classes=1), ValueError, "num_classes"),
+    (lambda: task_for("digits"), TypeError, "splits"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD_TASK_CALLS)
+def test_bad_input_is_rejected_naming_the_parameter(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_decode_skips_non_finite_boxes():
+    out = torch.zeros(1, 7, 4, 4)
+    out[0, 0] = 10.0  # every cell is confident ...
+    out[0, 3] = float("nan")  # ... but its width is NaN: no box
+    assert len(DET.decode(out)[0].boxes) == 0

@@ -215,3 +215,76 @@ def test_cache_rejects_non_json_config(tmp_path, monkeypatch):
 def test_default_cache_dir(monkeypatch):
     monkeypatch.delenv("SURVEY_LIB_CACHE", raising=False)
     assert train_mod.cache_dir().parts[-3:] == (".cache", "survey_lib", "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_model_and_data_that_do_not_fit_give_a_value_error():
+    data = blobs()
+    task = get_task("classification", num_classes=3, image_size=4)
+    three_channels = build_model("vgg", task, in_channels=3, width=0.25)
+    with pytest.raises(ValueError, match="inputs of train_data of shape .* does not fit model"):
+        fit(three_channels, task, data, epochs=1)
+    with pytest.raises(ValueError, match="inputs of data of shape .* does not fit model"):
+        evaluate(three_channels, task, data)
+    model, _ = small_model()
+    wide_labels = TensorDataset(data.tensors[0], data.tensors[1] + 5)
+    with pytest.raises(ValueError, match="target holds class"):
+        fit(model, task, wide_labels, epochs=1)
+    ten = get_task("classification", num_classes=10, image_size=4)
+    with pytest.raises(ValueError, match="output must have shape .* 10 in dim 1"):
+        fit(model, ten, data, epochs=1)
+
+
+BAD_FIT_ARGS = [
+    (dict(callbacks=[1]), TypeError, "callbacks"),
+    (dict(callbacks=5), TypeError, "callbacks"),
+    (dict(extra_loss=5), TypeError, "extra_loss"),
+    (dict(progress="yes"), TypeError, "progress"),
+    (dict(val_data=[1]), TypeError, "val_data"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_FIT_ARGS)
+def test_bad_fit_arguments(kwargs, error, match):
+    model, task = small_model()
+    with pytest.raises(error, match=match):
+        fit(model, task, blobs(), epochs=1, **kwargs)
+
+
+def test_bad_training_data_and_optimizer_arguments():
+    model, task = small_model()
+    x, y = blobs().tensors
+    with pytest.raises(TypeError, match="train_data must yield"):
+        fit(model, task, [1, 2, 3], epochs=1)
+    with pytest.raises(TypeError, match="train_data must yield"):
+        fit(model, task, TensorDataset(x), epochs=1)
+    with pytest.raises(TypeError, match="train_data must be a dataset"):
+        fit(model, task, None, epochs=1)
+    with pytest.raises(ValueError, match="inputs of train_data hold NaN"):
+        fit(model, task, TensorDataset(torch.full_like(x, float("nan")), y), epochs=1)
+    frozen, _ = small_model()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit(frozen, task, blobs(), epochs=1)
+    for lr, weight_decay, match in ((-1.0, 0.0, "lr"), (0.1, float("inf"), "weight_decay")):
+        with pytest.raises(ValueError, match=match):
+            train_mod.make_optimizer(model, "sgd", lr, weight_decay)
+    with pytest.raises(TypeError, match="progress"):
+        show_progress("no")
+
+
+def test_bad_cache_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURVEY_LIB_CACHE", str(tmp_path))
+    with pytest.raises(TypeError, match="config must be a dict"):
+        cache_key("abc")
+    with pytest.raises(TypeError, match="config must be JSON-serializable"):
+        cache_path({"a": {1, 2}})
+    with pytest.raises(TypeError, match="config must be JSON-serializable"):
+        cached_train({"x": float("nan")}, lambda: small_model()[0], lambda m: {})
+    with pytest.raises(TypeError, match="build must be a function"):
+        cached_train({"x": 1}, 5, lambda m: {})
+    with pytest.raises(TypeError, match=r"build\(\) must be a torch.nn.Module"):
+        cached_train({"x": 2}, lambda: "model", lambda m: {})
+    with pytest.raises(TypeError, match=r"train\(model\) must be a dict"):
+        cached_train({"x": 3}, lambda: small_model()[0], lambda m: None)

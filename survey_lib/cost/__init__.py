@@ -8,7 +8,10 @@ hardware, and (optionally) measured eager / ONNX Runtime latency.
 from .counting import count, trace
 from .hardware import (
     HARDWARE_NAMES,
+    ROOFLINE_MARGIN,
     HardwareProfile,
+    RooflineBoundError,
+    check_roofline_bound,
     describe_host,
     estimate_energy,
     estimate_latency,
@@ -48,5 +51,8 @@ __all__ = [
     "estimate_latency",
     "estimate_energy",
     "roofline_points",
+    "check_roofline_bound",
+    "RooflineBoundError",
+    "ROOFLINE_MARGIN",
     "HARDWARE_NAMES",
 ]

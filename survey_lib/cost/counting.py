@@ -21,10 +21,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._validate import check_model
+from .._validate import check_int, check_mapping, check_model, check_type
+from .._validate import run_forward as _run_forward
 
 TOP = "(top)"
 Bits = dict[str, tuple[int, int]]
+MAX_BITS = 64  # bits per value a layer may be counted at (fp64)
 
 
 # --------------------------------------------------------------------------- trace records
@@ -85,6 +87,7 @@ class OpTrace:
 
 def dtype_bits(dtype: torch.dtype) -> int:
     """Bits of one element of ``dtype`` (fp32 -> 32, int8 -> 8, bool -> 8)."""
+    check_type("dtype", dtype, torch.dtype, "a torch.dtype (e.g. torch.float32)")
     if dtype == torch.bool:
         return 8
     if dtype.is_floating_point or dtype.is_complex:
@@ -97,13 +100,14 @@ def dtype_bits(dtype: torch.dtype) -> int:
 
 def module_name(name: str) -> str:
     """Display name of a module: the empty root name becomes "(top)"."""
+    check_type("name", name, str, "a module name (str)")
     return name if name else TOP
 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode and restore each one's training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in check_model(model).modules()]
     model.eval()
     try:
         yield model
@@ -125,14 +129,7 @@ def check_example_input(example_input: Any) -> torch.Tensor:
 
 def run_forward(model: nn.Module, example_input: torch.Tensor) -> Any:
     """Call ``model(example_input)``; a shape/dtype mismatch becomes a ValueError naming the input."""
-    try:
-        return model(example_input)
-    except (RuntimeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"example_input of shape {tuple(example_input.shape)} ({example_input.dtype}) "
-            f"does not fit model: {first} (dim 0 is the batch: pass x.unsqueeze(0) for a single example)"
-        ) from err
+    return _run_forward(model, example_input, "example_input")
 
 
 # --------------------------------------------------------------------------- MAC formulas
@@ -164,6 +161,15 @@ def _sdpa_macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 def op_macs(op: str, args: tuple, out: Any) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
     """Counted MACs of one aten op and the two operand tensors it multiplies (bias adds excluded)."""
+    check_type("op", op, str, 'an aten op name such as "aten.mm.default"')
+    check_type("args", args, (tuple, list), "the op's positional arguments (a tuple)")
+    try:
+        return _op_macs(op, args, out)
+    except (AttributeError, IndexError, TypeError) as err:
+        raise TypeError(f"args do not hold the tensor operands of {op} ({err})") from err
+
+
+def _op_macs(op: str, args: tuple, out: Any) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
     name = op.split(".")[1] if op.startswith("aten.") else ""
     if name in ("convolution", "_convolution"):
         x, w = args[0], args[1]
@@ -220,7 +226,7 @@ class _Tracer(TorchDispatchMode):
         op = str(func)  # "aten.convolution.default"
         tin = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         tout = [a for a in pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
-        macs, operands = op_macs(op, args, out)
+        macs, operands = _op_macs(op, args, out)
         rec = OpRecord(
             index=len(self.ops),
             op=op,
@@ -325,12 +331,19 @@ def _act_dtype(ops: list[OpRecord]) -> torch.dtype | None:
 
 def layer_bits(model: nn.Module, tr: OpTrace, bits: Bits | None = None) -> dict[str, tuple[int | None, int | None]]:
     """(weight_bits, act_bits) per layer: ``bits`` argument, else module attributes, else dtype."""
+    check_model(model)
+    check_trace(tr)
+    if bits is not None:
+        check_mapping("bits", bits, "a {layer name: (weight_bits, act_bits)} dict")
     bits = dict(bits or {})
     names = set(tr.modules)
     unknown = sorted(set(bits) - names)
     if unknown:
         raise ValueError(f"bits names unknown layers {unknown}; accepted layer names: {sorted(names)}")
     mods = {module_name(n): m for n, m in model.named_modules()}
+    if names - set(mods):
+        raise ValueError(f"tr was traced from another model: it names layers {sorted(names - set(mods))[:5]} that "
+                         "model does not have")
     owned = _owned_params(model)
     out: dict[str, tuple[int | None, int | None]] = {}
     for name in names:
@@ -342,15 +355,29 @@ def layer_bits(model: nn.Module, tr: OpTrace, bits: Bits | None = None) -> dict[
             pair = bits[name]
             if not (isinstance(pair, tuple) and len(pair) == 2):
                 raise TypeError(f"bits[{name!r}] must be a (weight_bits, act_bits) tuple, got {pair!r}")
-            w, a = int(pair[0]), int(pair[1])
+            w, a = (check_int(f"bits[{name!r}]", b, min_value=1, max_value=MAX_BITS) for b in pair)
         out[name] = (w, a)
     return out
 
 
 def tensor_bits(t: TensorInfo, wbits: int | None, abits: int | None) -> int:
     """Bits per element of ``t`` in a layer: its weight or activation bits, else its dtype bits."""
+    check_type("t", t, TensorInfo, "a TensorInfo from a trace")
+    check_layer_bits(wbits, abits)
     chosen = wbits if t.is_param else abits
     return int(chosen) if chosen else t.dtype_bits
+
+
+def check_layer_bits(wbits: Any, abits: Any) -> None:
+    """TypeError/ValueError unless each of ``wbits``, ``abits`` is None or an int in [1, MAX_BITS]."""
+    for param, b in (("wbits", wbits), ("abits", abits)):
+        if b is not None:
+            check_int(param, b, min_value=1, max_value=MAX_BITS)
+
+
+def check_trace(tr: Any) -> OpTrace:
+    """TypeError unless ``tr`` is an OpTrace (from :func:`trace`)."""
+    return check_type("tr", tr, OpTrace, "an OpTrace from trace(model, example_input)")
 
 
 def _nonzero_fraction(model: nn.Module) -> dict[int, float]:
@@ -374,8 +401,8 @@ def _layer_order(tr: OpTrace, owned: dict[str, list[torch.Tensor]]) -> list[str]
 
 def count_trace(model: nn.Module, tr: OpTrace, bits: Bits | None = None) -> pd.DataFrame:
     """Per-layer counted table from an existing trace (see ``count``)."""
-    owned = _owned_params(model)
     lbits = layer_bits(model, tr, bits)
+    owned = _owned_params(model)
     nz = _nonzero_fraction(model)
     rows = []
     for name in _layer_order(tr, owned):
@@ -430,7 +457,7 @@ def count(model: nn.Module, example_input: torch.Tensor, bits: Bits | None = Non
 
 def total_params(model: nn.Module) -> tuple[int, int]:
     """(params, nonzero_params) of ``model``, each parameter counted once even if shared."""
-    ps = list(model.parameters())
+    ps = list(check_model(model).parameters())
     return sum(p.numel() for p in ps), sum(int(torch.count_nonzero(p.detach())) for p in ps)
 
 
@@ -445,6 +472,8 @@ __all__ = [
     "op_macs",
     "layer_bits",
     "tensor_bits",
+    "check_layer_bits",
+    "check_trace",
     "dtype_bits",
     "eval_mode",
     "total_params",

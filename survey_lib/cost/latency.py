@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .._io import atomic_write
-from .._validate import check_choice, check_int
+from .._io import as_path, atomic_write, reading
+from .._validate import check_bool, check_choice, check_float, check_int, check_seed, check_type
 from .counting import check_example_input, check_model, eval_mode, is_onnx_model, run_forward
 
 RUNTIMES = ("eager", "ort")
@@ -68,7 +68,11 @@ class LatencyResult:
 
 def summarize(samples_ms: Sequence[float], *, runtime: str, batch: int, threads: int, warmup: int) -> LatencyResult:
     """LatencyResult from raw samples (median, quartiles by linear interpolation)."""
-    a = np.asarray(samples_ms, dtype=float)
+    check_choice("runtime", runtime, RUNTIMES)
+    a = np.asarray(samples_ms, dtype=float).reshape(-1)
+    if a.size == 0 or not np.isfinite(a).all() or (a < 0).any():
+        raise ValueError(f"samples_ms must be a non-empty list of finite times >= 0 (ms), got {len(a)} values"
+                         + ("" if a.size == 0 else f" from {a.min()} to {a.max()}"))
     q1, med, q3 = (float(v) for v in np.percentile(a, [25, 50, 75]))
     return LatencyResult(runtime, batch, threads, len(a), warmup, med, q1, q3, q3 - q1, float(a.min()), [float(v) for v in a])
 
@@ -96,6 +100,7 @@ def batch_input(example_input: torch.Tensor, batch: int | None) -> torch.Tensor:
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Set torch's intra-op thread count for the block, then restore the previous value."""
+    check_int("threads", threads, min_value=1, max_value=256)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -130,7 +135,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     (traced at batch 2, since torch.export specializes a batch of 1)."""
     check_model(model)
     check_example_input(example_input)
-    path = Path(path)
+    path = as_path(path)
+    check_bool("dynamic_batch", dynamic_batch)
     x = batch_input(example_input, max(2, example_input.shape[0])) if dynamic_batch else example_input
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     with eval_mode(model), torch.no_grad():
@@ -152,6 +158,9 @@ def ort_session(path: str | Path, threads: int = 1, *, profile_prefix: str | Pat
     optionally ORT's profiler (files at ``profile_prefix``) and the optimized graph saved to ``optimized_path``."""
     import onnxruntime as ort
 
+    path = as_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
     check_int("threads", threads, min_value=1, max_value=256)
     so = ort.SessionOptions()
     if profile_prefix is not None:
@@ -165,7 +174,30 @@ def ort_session(path: str | Path, threads: int = 1, *, profile_prefix: str | Pat
     so.log_severity_level = 3
     # Idle ORT threads would otherwise spin and steal the core from an interleaved neighbour.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    with reading(path, "ONNX file", errors=ort_errors()):
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes ONNX Runtime raises for a model it cannot load or an input it cannot run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("InvalidProtobuf", "InvalidArgument", "InvalidGraph", "Fail", "NotImplemented", "NoModel",
+             "RuntimeException")
+    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+
+
+def ort_run(session: Any, x: torch.Tensor, param: str = "x") -> list[np.ndarray]:
+    """``session.run`` on float32 ``x``; an input ONNX Runtime rejects becomes a ValueError naming ``param``."""
+    check_type(param, x, torch.Tensor, "a torch.Tensor input batch")
+    inp = session.get_inputs()[0]
+    feed = {inp.name: x.detach().to("cpu", torch.float32).contiguous().numpy()}
+    try:
+        return session.run(None, feed)
+    except ort_errors() as err:
+        what = str(err).strip().splitlines()[0].rsplit(" : ", 1)[-1]
+        raise ValueError(f"{param} of shape {tuple(x.shape)} does not fit the ONNX model's input {inp.name!r} "
+                         f"of shape {inp.shape}: {what}") from err
 
 
 def _flat_outputs(out: Any) -> list[np.ndarray]:
@@ -174,9 +206,15 @@ def _flat_outputs(out: Any) -> list[np.ndarray]:
 
 def check_ort_matches(model: nn.Module, session: Any, x: torch.Tensor, rtol: float = 1e-3, atol: float = 1e-4) -> None:
     """Raise RuntimeError unless the ORT session's outputs are allclose to the eager model's."""
+    check_model(model)
+    if not (callable(getattr(session, "run", None)) and callable(getattr(session, "get_inputs", None))):
+        raise TypeError(f"session must be an onnxruntime.InferenceSession (see ort_session), got {type(session).__name__}")
+    check_example_input(x)
+    check_float("rtol", rtol, min_value=0.0)
+    check_float("atol", atol, min_value=0.0)
     with eval_mode(model), torch.inference_mode():
-        ref = _flat_outputs(model(x))
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        ref = _flat_outputs(run_forward(model, x))
+    got = ort_run(session, x)
     if len(ref) != len(got):
         raise RuntimeError(f"ONNX model returns {len(got)} outputs, torch returns {len(ref)}")
     for i, (r, g) in enumerate(zip(ref, got)):
@@ -216,8 +254,10 @@ def cached_onnx(model: nn.Module, x: torch.Tensor) -> Path:
     is exported once per batch size.  A model that already is an ONNX file (an ``onnx_path``
     attribute, e.g. ``survey_lib.deploy.OnnxModel``) is returned as is: no export, no check."""
     global _CACHE_DIR
+    check_model(model)
     if is_onnx_model(model):
         return Path(model.onnx_path)
+    check_example_input(x)
     per_model = _EXPORTS.setdefault(model, {})
     for key in (_fingerprint(model, x, None), _fingerprint(model, x, x.shape[0])):
         entry = per_model.get(key)
@@ -249,6 +289,7 @@ def _eager_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], Any]:
     sess = ort_session(cached_onnx(model, x), threads)
+    ort_run(sess, x, "example_input")  # fail early, with a clear message
     feed = {sess.get_inputs()[0].name: x.numpy()}
     return lambda: sess.run(None, feed)
 
@@ -288,8 +329,11 @@ def compare_latency(
     seed: int = 0,
 ) -> dict[str, LatencyResult]:
     """Measure several models interleaved: each round runs every model once in a seeded shuffled order."""
-    if not isinstance(models, dict) or not models:
-        raise TypeError("models must be a non-empty dict {name: nn.Module}")
+    if not isinstance(models, dict):
+        raise TypeError(f"models must be a non-empty dict {{name: nn.Module}}, got {type(models).__name__}")
+    if not models:
+        raise ValueError("models must be a non-empty dict {name: nn.Module}, got an empty dict")
+    check_seed(seed)
     for m in models.values():
         check_model(m)
     _check_settings(runtime, threads, runs, warmup)
@@ -338,6 +382,8 @@ def latency_grid(
 ) -> pd.DataFrame:
     """One measured row per (runtime, batch, threads): median, quartiles, IQR and per-item ms."""
     for param, values in (("batches", batches), ("threads", threads), ("runtimes", runtimes)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{param} must be a list or tuple of values, got {type(values).__name__} ({values!r})")
         if len(values) == 0:
             raise ValueError(f"{param} must name at least one value, got an empty sequence")
     for r in runtimes:
@@ -358,6 +404,8 @@ __all__ = [
     "latency_grid",
     "export_onnx",
     "ort_session",
+    "ort_run",
+    "ort_errors",
     "cached_onnx",
     "is_onnx_model",
     "check_ort_matches",

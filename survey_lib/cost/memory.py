@@ -17,7 +17,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .counting import Bits, OpRecord, OpTrace, TensorInfo, layer_bits, tensor_bits, trace
+from .._validate import check_int, check_type
+from .counting import (
+    MAX_BITS, Bits, OpRecord, OpTrace, TensorInfo, check_layer_bits, check_trace, layer_bits, tensor_bits, trace,
+)
 
 # aten ops that only make a new view (or an uninitialised buffer) and move no data
 NO_DATA_OPS = frozenset(
@@ -44,6 +47,7 @@ FUSED_QUANT_OPS = frozenset(
 
 def aten_name(op: str) -> str:
     """The bare op name of "aten.view.default" -> "view"."""
+    check_type("op", op, str, 'an aten op name such as "aten.view.default"')
     parts = op.split(".")
     return parts[1] if len(parts) > 1 else op
 
@@ -59,7 +63,7 @@ def moves_data(op: str) -> bool:
 
 def live_bytes_per_op(tr: OpTrace) -> list[int]:
     """Live activation bytes at each op step (parameters and buffers excluded)."""
-    n = len(tr.ops)
+    n = len(check_trace(tr).ops)
     if n == 0:
         return []
     first: dict[int, int] = {}
@@ -107,6 +111,8 @@ def peak_activation_memory(model: nn.Module, example_input: torch.Tensor) -> int
 
 def tensor_bytes(t: TensorInfo, bits: int) -> int:
     """Bytes one op touches in ``t`` at ``bits`` per element (a broadcast view counts its storage once)."""
+    check_type("t", t, TensorInfo, "a TensorInfo from a trace")
+    check_int("bits", bits, min_value=1, max_value=MAX_BITS)
     elems = t.numel
     elem_size = t.dtype_bits / 8
     if elem_size > 0:
@@ -116,6 +122,8 @@ def tensor_bytes(t: TensorInfo, bits: int) -> int:
 
 def op_traffic(o: OpRecord, wbits: int | None, abits: int | None) -> tuple[int, int, int]:
     """(weight_read, act_read, act_write) bytes of one op; zeros for view-like ops."""
+    check_type("o", o, OpRecord, "an OpRecord from a trace")
+    check_layer_bits(wbits, abits)
     if not moves_data(o.op):
         return 0, 0, 0
     w_read = a_read = a_write = 0

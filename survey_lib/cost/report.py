@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -17,7 +18,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .counting import Bits, check_example_input, check_model, count_trace, total_params, trace
+from .._validate import check_bool, check_int, check_mapping, check_type
+from .counting import MAX_BITS, Bits, check_example_input, check_model, count_trace, total_params, trace
 from .hardware import HardwareProfile, get_hardware
 from .latency import latency_grid
 from .memory import peak_trace, traffic_trace
@@ -37,6 +39,10 @@ class Metric:
     note: str = ""
 
     def __post_init__(self) -> None:
+        for param in ("name", "unit", "note"):
+            check_type(param, getattr(self, param), str, "a str")
+        if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real):
+            raise TypeError(f"value must be a number, got {type(self.value).__name__} ({self.value!r})")
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is not supported; accepted values: {', '.join(map(repr, KINDS))}")
 
@@ -133,13 +139,21 @@ def _hardware_list(hardware: Any) -> list[HardwareProfile]:
 
 
 def precision_of(weight_bits: Any, act_bits: Any) -> str:
-    """Roofline precision for a layer's bits: <= 8 -> "int8", <= 16 -> "fp16", else "fp32"."""
-    b = max(int(x) for x in (weight_bits, act_bits, 0) if x is not None and x is not pd.NA)
+    """Roofline precision for a layer's bits: <= 8 -> "int8", <= 16 -> "fp16", else "fp32" (None: unknown)."""
+    known = [check_int(p, x, min_value=1, max_value=MAX_BITS) for p, x in (("weight_bits", weight_bits),
+                                                                         ("act_bits", act_bits))
+             if x is not None and x is not pd.NA]
+    b = max(known + [0])
     return "int8" if 0 < b <= 8 else "fp16" if 0 < b <= 16 else "fp32"
 
 
 def layer_estimates(layers: pd.DataFrame, hw: HardwareProfile, level: str | None = None) -> tuple[list[float], list[float]]:
     """Per-layer roofline seconds and joules on ``hw`` (NaN where hw lacks the layer's precision)."""
+    check_type("layers", layers, pd.DataFrame, "a per-layer DataFrame (CostReport.layers)")
+    missing = sorted({"macs", "traffic_bytes", "weight_bits", "act_bits"} - set(layers.columns))
+    if missing:
+        raise ValueError(f"layers lacks the columns {missing}; pass CostReport.layers from profile")
+    check_type("hw", hw, HardwareProfile, "a HardwareProfile (see get_hardware)")
     bw = hw.bandwidth(level)
     pj_byte = hw.energy_per_byte(level)
     secs, joules = [], []
@@ -184,6 +198,9 @@ def profile(
     Estimates use memory ``level`` for every hardware, or each hardware's ``default_level`` when None."""
     check_model(model)
     check_example_input(example_input)
+    check_bool("latency", latency)
+    if latency_kwargs is not None:
+        check_mapping("latency_kwargs", latency_kwargs, "a dict of latency_grid keyword arguments")
     hws = _hardware_list(hardware)
     x1 = example_input[:1].detach().clone()  # batch 1, own storage (peak memory counts storages)
     try:

@@ -26,23 +26,46 @@ from typing import Any, Hashable, Iterable, Mapping
 import numpy as np
 import torch
 
-from .._validate import check_choice, check_int
+from .._io import check_bytes, reading
+from .._validate import check_choice, check_float, check_int, check_type
 
 Table = dict[Any, tuple[int, int]]  # symbol -> (code, length); canonical
 SPARSE_LAYOUTS = ("relative", "bitmask")
 MAX_INDEX_BITS = 16
+MAX_LUT_BITS = 24  # a decoding lookup table of 2**24 entries (128 MiB of int64) at most
+_WIDTH_FMT = {1: "B", 2: "H", 4: "I"}
 
 # ----------------------------------------------------------------------------------------------------------
 # Bit packing
 # ----------------------------------------------------------------------------------------------------------
 
 
+def integer_codes(param: str, values: Any, bits: int | None) -> np.ndarray:
+    """``values`` (array, tensor or list) as a flat int64 array; TypeError unless integer, ValueError unless
+    every value lies in [0, 2**bits - 1] (``bits=None``: any value >= 0). Floats are rejected, never truncated."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    a = np.asarray(values)
+    if a.size == 0 and a.dtype == np.float64 and not isinstance(values, np.ndarray):
+        a = a.astype(np.int64)  # an empty Python list
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{param} must have an integer dtype, got {a.dtype} (round floats to codes first)")
+    a = a.reshape(-1)
+    if bits is None:
+        if a.size and int(a.min()) < 0:
+            raise ValueError(f"{param} must be >= 0, got {int(a.min())}")
+        return a.astype(np.int64, copy=False)
+    top = (1 << bits) - 1
+    if a.size and (int(a.min()) < 0 or int(a.max()) > top):
+        bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
+        raise ValueError(f"{param}: value {bad} is out of range for bits={bits}; accepted: 0 <= value <= {top}")
+    return a.astype(np.int64, copy=False)
+
+
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack non-negative integers < 2**bits into a big-endian bit stream, ``bits`` bits each."""
     check_int("bits", bits, min_value=1, max_value=32)
-    v = np.asarray(values).astype(np.uint64, copy=False).reshape(-1)
-    if v.size and int(v.max()) >> bits:
-        raise ValueError(f"a value ({int(v.max())}) does not fit in bits={bits}")
+    v = integer_codes("values", values, bits).astype(np.uint64)
     shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
     out = bytearray()
     for start in range(0, v.size, 1 << 18):  # chunks bound the (n x bits) temporary
@@ -54,6 +77,7 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``n`` integers (int64) of ``bits`` bits each."""
+    check_bytes("data", data)
     check_int("bits", bits, min_value=1, max_value=32)
     check_int("n", n, min_value=0)
     if len(data) * 8 < n * bits:
@@ -73,7 +97,8 @@ def _counts(symbols_or_counts: Any) -> dict[Hashable, int]:
     if isinstance(symbols_or_counts, Mapping):
         counts = {}
         for s, c in symbols_or_counts.items():
-            check_int(f"count of symbol {s!r}", int(c) if isinstance(c, np.integer) else c, min_value=0)
+            _check_symbol(s)
+            check_int(f"count of symbol {s!r}", c, min_value=0)
             if c:
                 counts[s] = int(c)
         return counts
@@ -81,8 +106,21 @@ def _counts(symbols_or_counts: Any) -> dict[Hashable, int]:
         symbols_or_counts = symbols_or_counts.detach().cpu().numpy()
     if isinstance(symbols_or_counts, np.ndarray):
         uniq, cnt = np.unique(symbols_or_counts.reshape(-1), return_counts=True)
-        return {u.item(): int(c) for u, c in zip(uniq, cnt)}
-    return dict(Counter(symbols_or_counts))
+        counts = {u.item(): int(c) for u, c in zip(uniq, cnt)}
+    elif isinstance(symbols_or_counts, Iterable):
+        counts = dict(Counter(symbols_or_counts))
+    else:
+        raise TypeError("symbols_or_counts must be a sequence of symbols (list, array, tensor, str) or a "
+                        f"{{symbol: count}} dict, got {type(symbols_or_counts).__name__}")
+    for s in counts:
+        _check_symbol(s)
+    return counts
+
+
+def _check_symbol(s: Any) -> None:
+    """NaN has no order and no equality, so it cannot be a symbol of a deterministic code."""
+    if isinstance(s, (float, np.floating)) and math.isnan(s):
+        raise ValueError("symbols must not be NaN (NaN != NaN, so it cannot be coded)")
 
 
 def huffman_lengths(symbols_or_counts: Any) -> dict[Hashable, int]:
@@ -119,8 +157,11 @@ def canonical_code(lengths: Mapping[Hashable, int]) -> Table:
 
     Only the lengths need to be stored; the codes follow from them (DEFLATE does the same).
     """
+    check_type("lengths", lengths, Mapping, "a {symbol: code length} dict")
     table: Table = {}
     code, prev_len = 0, 0
+    for s in lengths:
+        check_int(f"length of symbol {s!r}", lengths[s], min_value=1, max_value=64)
     for s in sorted(lengths, key=lambda s: (lengths[s], _sort_key(s))):
         length = lengths[s]
         check_int(f"length of symbol {s!r}", length, min_value=1, max_value=64)
@@ -138,9 +179,30 @@ def huffman_code(symbols_or_counts: Any, *, as_strings: bool = False) -> Table |
 
     Returns ``{symbol: (code, length)}``, or ``{symbol: "0101"}`` with ``as_strings=True``.
     """
+    check_type("as_strings", as_strings, bool, "True or False")
     table = canonical_code(huffman_lengths(symbols_or_counts))
     if as_strings:
         return {s: format(c, f"0{n}b") for s, (c, n) in table.items()}
+    return table
+
+
+def check_table(table: Any) -> Table:
+    """Return ``table`` if it is a prefix code ``{symbol: (code, length)}`` with 1 <= length <= 64 and
+    0 <= code < 2**length, and no code is a prefix of another; TypeError or ValueError otherwise."""
+    check_type("table", table, Mapping, "a Huffman table {symbol: (code, length)} (see huffman_code)")
+    spans = []
+    for s, entry in table.items():
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise TypeError(f"table[{s!r}] must be a (code, length) pair of ints, got {entry!r}")
+        code = check_int(f"code of table[{s!r}]", entry[0], min_value=0)
+        length = check_int(f"length of table[{s!r}]", entry[1], min_value=1, max_value=64)
+        if code >> length:
+            raise ValueError(f"table[{s!r}] = {entry!r}: code {code} does not fit in {length} bits")
+        spans.append((code << (64 - length), (code + 1) << (64 - length), s))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"table is not a prefix code: the codes of {a!r} and {b!r} overlap")
     return table
 
 
@@ -160,8 +222,7 @@ def huffman_encode(symbols: Any, table: Table | None = None) -> tuple[bytes, Tab
     ``table`` defaults to the Huffman code of ``symbols`` themselves. The stream is MSB-first, zero-padded.
     """
     a = _int_symbols(symbols)
-    if table is None:
-        table = huffman_code(a)
+    table = huffman_code(a) if table is None else check_table(table)
     if a.size == 0:
         return b"", table
     uniq, inverse = np.unique(a, return_inverse=True)
@@ -192,7 +253,10 @@ def huffman_decode(data: bytes, table: Table, n: int, *, lut_bits: int = 20) -> 
     Codes up to ``lut_bits`` long are decoded with a lookup table indexed by the next ``max_len`` bits;
     longer codes fall back to the canonical bit-by-bit decoder.
     """
+    check_bytes("data", data)
+    check_table(table)
     check_int("n", n, min_value=0)
+    check_int("lut_bits", lut_bits, min_value=1, max_value=MAX_LUT_BITS)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     if not table:
@@ -249,6 +313,9 @@ def _decode_canonical(bits: np.ndarray, table: Table, n: int) -> np.ndarray:
 def coded_bits(symbols: Any, table: Table) -> int:
     """Bits the payload of ``symbols`` takes under ``table`` (before padding to a byte)."""
     counts = _counts(_int_symbols(symbols))
+    missing = [s for s in counts if s not in check_table(table)]
+    if missing:
+        raise ValueError(f"symbols {missing[:5]} are not in the table")
     return sum(c * table[s][1] for s, c in counts.items())
 
 
@@ -277,17 +344,19 @@ def table_to_bytes(table: Table) -> bytes:
     * alphabet: mode, max_len, width | uint32 alphabet size | one code length per symbol 0..size-1
       (4 bits each when max_len <= 15, else 8)
     """
-    if not table:
+    if not check_table(table):
         return struct.pack("<BBB", _TAB_LIST, 0, 1)
     symbols = list(table)
-    if any(not isinstance(s, (int, np.integer)) or s < 0 for s in symbols):
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in symbols):
         raise TypeError("table_to_bytes stores tables over non-negative int symbols only")
     max_len = max(length for _, length in table.values())
     if max_len > 255:
         raise ValueError("code length > 255 cannot be stored")
     max_sym = max(int(s) for s in symbols)
+    if max_sym >= 1 << 32:
+        raise ValueError(f"symbol {max_sym} does not fit the table's 4-byte symbols (max {2**32 - 1})")
     width = 1 if max_sym < 1 << 8 else 2 if max_sym < 1 << 16 else 4
-    fmt = {1: "B", 2: "H", 4: "I"}[width]
+    fmt = _WIDTH_FMT[width]
     per_len = Counter(length for _, length in table.values())
     ordered = sorted(symbols, key=lambda s: (table[s][1], s))
     as_list = (struct.pack("<BBB", _TAB_LIST, max_len, width)
@@ -303,28 +372,43 @@ def table_to_bytes(table: Table) -> bytes:
 
 
 def table_from_bytes(data: bytes) -> tuple[Table, int]:
-    """Inverse of :func:`table_to_bytes`; returns (table, bytes consumed)."""
-    mode, max_len, width = struct.unpack_from("<BBB", data, 0)
-    if max_len == 0:
-        return {}, 3
-    if mode == _TAB_LIST:
-        per_len = struct.unpack_from(f"<{max_len}H", data, 3)
-        total = sum(per_len)
-        fmt = {1: "B", 2: "H", 4: "I"}[width]
-        off = 3 + 2 * max_len
-        ordered = struct.unpack_from(f"<{total}{fmt}", data, off)
-        lengths, it = {}, iter(ordered)
-        for length, cnt in enumerate(per_len, start=1):
-            for _ in range(cnt):
-                lengths[int(next(it))] = length
-        return canonical_code(lengths), off + total * width
-    if mode == _TAB_ALPHABET:
-        (size,) = struct.unpack_from("<I", data, 3)
-        nbytes = math.ceil(size * 4 / 8) if max_len <= 15 else size
-        raw = data[7:7 + nbytes]
-        lens = unpack_bits(raw, 4, size) if max_len <= 15 else np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
-        return canonical_code({s: int(v) for s, v in enumerate(lens) if v}), 7 + nbytes
-    raise ValueError(f"unknown Huffman table layout {mode}")
+    """Inverse of :func:`table_to_bytes`; returns (table, bytes consumed). ValueError if ``data`` is not a table."""
+    check_bytes("data", data)
+    with reading("data", "Huffman table"):
+        mode, max_len, width = struct.unpack_from("<BBB", data, 0)
+        if max_len == 0:
+            return {}, 3
+        if width not in _WIDTH_FMT:
+            raise ValueError(f"symbol width {width} (expected 1, 2 or 4 bytes)")
+        if mode == _TAB_LIST:
+            return _table_from_list(data, max_len, width)
+        if mode == _TAB_ALPHABET:
+            return _table_from_alphabet(data, max_len)
+        raise ValueError(f"unknown layout {mode} (expected {_TAB_LIST} or {_TAB_ALPHABET})")
+
+
+def _table_from_list(data: bytes, max_len: int, width: int) -> tuple[Table, int]:
+    per_len = struct.unpack_from(f"<{max_len}H", data, 3)
+    total = sum(per_len)
+    off = 3 + 2 * max_len
+    ordered = struct.unpack_from(f"<{total}{_WIDTH_FMT[width]}", data, off)
+    lengths, it = {}, iter(ordered)
+    for length, cnt in enumerate(per_len, start=1):
+        for _ in range(cnt):
+            lengths[int(next(it))] = length
+    if len(lengths) != total:
+        raise ValueError("a symbol is listed twice")
+    return canonical_code(lengths), off + total * width
+
+
+def _table_from_alphabet(data: bytes, max_len: int) -> tuple[Table, int]:
+    (size,) = struct.unpack_from("<I", data, 3)
+    nbytes = math.ceil(size * 4 / 8) if max_len <= 15 else size
+    raw = data[7:7 + nbytes]
+    if len(raw) < nbytes:
+        raise ValueError(f"truncated: {size} code lengths need {nbytes} bytes, {len(raw)} left")
+    lens = unpack_bits(raw, 4, size) if max_len <= 15 else np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+    return canonical_code({s: int(v) for s, v in enumerate(lens) if v}), 7 + nbytes
 
 
 def huffman_size(symbols: Any) -> dict[str, float]:
@@ -354,6 +438,16 @@ class SparseTensor:
     values: np.ndarray
     index: np.ndarray
     index_bits: int
+
+    def __post_init__(self) -> None:
+        check_choice("layout", self.layout, SPARSE_LAYOUTS)
+        check_type("dtype", self.dtype, torch.dtype, "a torch.dtype")
+        check_type("shape", self.shape, (tuple, list, torch.Size), "a tuple of non-negative ints")
+        for d in self.shape:
+            check_int("shape entries", d, min_value=0)
+        check_type("values", self.values, np.ndarray, "a numpy array")
+        check_type("index", self.index, np.ndarray, "a numpy array of integers")
+        check_int("index_bits", self.index_bits, min_value=1, max_value=MAX_INDEX_BITS)
 
     @property
     def numel(self) -> int:
@@ -385,7 +479,7 @@ def relative_index(positions: np.ndarray, index_bits: int) -> tuple[np.ndarray, 
     """
     check_int("index_bits", index_bits, min_value=1, max_value=MAX_INDEX_BITS)
     span = 1 << index_bits  # one entry advances the position by at most `span`
-    pos = np.asarray(positions, dtype=np.int64)
+    pos = sorted_positions(positions)
     gaps = np.diff(pos, prepend=-1) - 1  # zeros skipped before each non-zero
     fillers = gaps // span  # each filler consumes span positions (span - 1 zeros + the filler zero itself)
     rest = gaps - fillers * span
@@ -398,9 +492,17 @@ def relative_index(positions: np.ndarray, index_bits: int) -> tuple[np.ndarray, 
     return out_gap, is_filler
 
 
+def sorted_positions(positions: Any, param: str = "positions") -> np.ndarray:
+    """``positions`` as a flat int64 array; TypeError unless integer, ValueError unless >= 0 and strictly increasing."""
+    pos = integer_codes(param, positions, None)
+    if pos.size > 1 and not bool((np.diff(pos) > 0).all()):
+        raise ValueError(f"{param} must be strictly increasing flat indices (sorted, no repeats)")
+    return pos
+
+
 def positions_from_relative(gaps: np.ndarray) -> np.ndarray:
-    """Flat positions of every stored entry (fillers included) from relative ``gaps``."""
-    return np.cumsum(np.asarray(gaps, dtype=np.int64) + 1) - 1
+    """Flat positions of every stored entry (fillers included) from relative ``gaps`` (non-negative ints)."""
+    return np.cumsum(integer_codes("gaps", gaps, None) + 1) - 1
 
 
 def _flat_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -416,6 +518,8 @@ def encode_sparse(tensor: torch.Tensor, index_bits: int | None = 4, layout: str 
     """Store ``tensor`` as non-zeros plus relative indices (``index_bits`` each; None picks the smallest
     encoding over 1..12 bits) or, with ``layout="bitmask"``, a one-bit-per-position mask."""
     check_choice("layout", layout, SPARSE_LAYOUTS)
+    if index_bits is not None:
+        check_int("index_bits", index_bits, min_value=1, max_value=MAX_INDEX_BITS)
     flat = _flat_numpy(tensor)
     nz = np.flatnonzero(flat)
     shape = tuple(tensor.shape)
@@ -431,10 +535,15 @@ def encode_sparse(tensor: torch.Tensor, index_bits: int | None = 4, layout: str 
 
 def best_index_bits(positions: np.ndarray, value_bits: float, candidates: Iterable[int] = range(1, 13)) -> int:
     """The index width that minimises (index_bits + value_bits) x (entries incl. fillers)."""
-    pos = np.asarray(positions, dtype=np.int64)
+    pos = sorted_positions(positions)
+    check_float("value_bits", value_bits, min_value=0.0)
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError(f"candidates must name at least one index width in 1..{MAX_INDEX_BITS}")
     gaps = np.diff(pos, prepend=-1) - 1
     best, best_bits = None, None
     for b in candidates:
+        check_int("candidates", b, min_value=1, max_value=MAX_INDEX_BITS)
         entries = pos.size + int((gaps >> b).sum())
         total = entries * (b + value_bits)
         if best is None or total < best:
@@ -444,20 +553,31 @@ def best_index_bits(positions: np.ndarray, value_bits: float, candidates: Iterab
 
 def decode_sparse(sparse: SparseTensor) -> torch.Tensor:
     """The exact dense tensor of an :func:`encode_sparse` result."""
+    check_type("sparse", sparse, SparseTensor, "a SparseTensor (see encode_sparse)")
     flat = np.zeros(sparse.numel, dtype=sparse.values.dtype if sparse.values.size else numpy_dtype(sparse.dtype))
     if sparse.layout == "bitmask":
-        flat[np.asarray(sparse.index, dtype=bool)] = sparse.values
+        mask = integer_codes("index", sparse.index, 1).astype(bool)
+        if mask.size != sparse.numel or int(mask.sum()) != sparse.values.size:
+            raise ValueError(f"bitmask of {mask.size} flags ({int(mask.sum())} set) does not fit a tensor of "
+                             f"{sparse.numel} values with {sparse.values.size} non-zeros")
+        flat[mask] = sparse.values
     else:
         pos = positions_from_relative(sparse.index)
         if pos.size and pos[-1] >= sparse.numel:
             raise ValueError("relative indices run past the end of the tensor")
+        if pos.size != sparse.values.size:
+            raise ValueError(f"{pos.size} relative indices but {sparse.values.size} values")
         flat[pos] = sparse.values  # fillers write 0 over 0
     return torch.from_numpy(flat.copy()).to(sparse.dtype).reshape(sparse.shape)
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The NumPy dtype matching a torch dtype."""
-    return torch.empty(0, dtype=dtype).numpy().dtype
+    """The NumPy dtype matching a torch dtype (TypeError for one NumPy lacks, e.g. bfloat16)."""
+    check_type("dtype", dtype, torch.dtype, "a torch.dtype")
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError as err:
+        raise TypeError(f"dtype={dtype} has no NumPy equivalent ({err})") from None
 
 
 __all__ = [
@@ -479,4 +599,8 @@ __all__ = [
     "encode_sparse",
     "decode_sparse",
     "best_index_bits",
+    "integer_codes",
+    "sorted_positions",
+    "check_table",
+    "numpy_dtype",
 ]

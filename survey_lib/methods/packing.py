@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from .._validate import check_int, check_model, check_type
-from ..cost.storage import model_tensors, register_format
+from .._io import as_path, check_bytes, check_magic, not_valid, read_file, reading, take
+from .coding import integer_codes
+from ..cost.storage import decode_raw_tensor, entry_bytes, model_tensors, register_format
 
 MIN_BITS, MAX_BITS = 1, 16
 MAGIC = b"SLPACK01"
@@ -58,19 +60,7 @@ def _check_bits(bits: Any) -> int:
 
 def _code_array(codes: Any, bits: int) -> np.ndarray:
     """``codes`` as a flat uint32 array; TypeError unless integer, ValueError unless in [0, 2**bits - 1]."""
-    if isinstance(codes, torch.Tensor):
-        codes = codes.detach().cpu().numpy()
-    a = np.asarray(codes)
-    if a.size == 0 and a.dtype == np.float64 and not isinstance(codes, np.ndarray):
-        a = a.astype(np.int64)  # an empty Python list
-    if not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"codes must have an integer dtype, got {a.dtype}")
-    a = a.reshape(-1)
-    top = (1 << bits) - 1
-    if a.size and (int(a.min()) < 0 or int(a.max()) > top):
-        bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
-        raise ValueError(f"code {bad} is out of range for bits={bits}; accepted: 0 <= code <= {top}")
-    return a.astype(np.uint32, copy=False)
+    return integer_codes("codes", codes, bits).astype(np.uint32)
 
 
 def _chunks(n: int) -> Iterator[slice]:
@@ -98,6 +88,7 @@ def pack_bits(codes: Any, bits: int) -> bytes:
 
 def unpack_bits(data: bytes | bytearray | memoryview, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: the first ``count`` codes (uint8 for bits <= 8, else uint16)."""
+    check_bytes("data", data)
     bits = _check_bits(bits)
     need = packed_nbytes(count, bits)
     raw = np.frombuffer(data, dtype=np.uint8)
@@ -215,6 +206,8 @@ def low_bit_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantized_weight(module: nn.Module) -> QuantizedTensor:
     """``module.integer_weight()``, validated, with the codes' shape checked against ``module.weight``."""
+    if not is_low_bit(module):
+        raise TypeError(f"module must be a low-bit module with an integer_weight() method, got {type(module).__name__}")
     q = as_quantized(module.integer_weight())
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and tuple(weight.shape) != q.shape:
@@ -224,6 +217,7 @@ def quantized_weight(module: nn.Module) -> QuantizedTensor:
 
 def deploy_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """What a low-bit module needs at inference besides its weight: ``deploy_tensors()``, else its bias."""
+    check_type("module", module, nn.Module, "a torch.nn.Module")
     if callable(getattr(module, "deploy_tensors", None)):
         out = dict(module.deploy_tensors())
     else:
@@ -284,6 +278,7 @@ def _encode(name: str, t: torch.Tensor | QuantizedTensor) -> tuple[dict[str, Any
 
 def write_packed(model: nn.Module, path: Path) -> None:
     """Writer of the "packed" format: low-bit weights as packed codes + float32 scales, the rest raw."""
+    path = as_path(path)
     entries, blobs, offset = [], [], 0
     for name, t in packed_tensors(model):
         head, blob = _encode(name, t)
@@ -301,12 +296,6 @@ def write_packed(model: nn.Module, path: Path) -> None:
             fh.write(blob)
 
 
-def _decode_dense(e: dict[str, Any], raw: bytes) -> torch.Tensor:
-    buf = bytearray(raw)
-    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-    return t.view(getattr(torch, e["dtype"])).reshape(e["shape"]).clone()
-
-
 def _decode_packed(e: dict[str, Any], raw: bytes) -> QuantizedTensor:
     shape, bits, axis = tuple(e["shape"]), e["bits"], e["axis"]
     n, c = math.prod(shape), (1 if axis is None else shape[axis])
@@ -321,26 +310,23 @@ def _decode_packed(e: dict[str, Any], raw: bytes) -> QuantizedTensor:
 
 def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor | QuantizedTensor]:
     """Read a "packed" file into ``{name: tensor}`` in file order, low-bit weights as QuantizedTensor."""
-    data = Path(path).read_bytes()
-    if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"{path} is not a survey_lib packed file (bad magic)")
-    try:
+    path, data = read_file(path)
+    fmt = "packed file"
+    with reading(path, fmt):
+        check_magic(data, MAGIC, path, fmt)
         (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
         base = len(MAGIC) + 8 + hlen
-        header = json.loads(data[len(MAGIC) + 8 : base].decode())
-    except (struct.error, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path}: truncated or corrupt packed file header ({err})") from err
-    if header.get("format") != "packed" or header.get("version") != VERSION:
-        got = f"format {header.get('format')!r}, version {header.get('version')!r}"
-        raise ValueError(f"{path}: unsupported header ({got}); expected format 'packed', version {VERSION}")
-    out: dict[str, torch.Tensor | QuantizedTensor] = {}
-    for e in header["tensors"]:
-        lo, hi = base + e["offset"], base + e["offset"] + e["nbytes"]
-        if hi > len(data):
-            raise ValueError(f"{path}: tensor {e['name']!r} runs past the end of the file; file is truncated")
-        decode = _decode_packed if e["kind"] == "packed" else _decode_dense
-        out[e["name"]] = decode(e, data[lo:hi])
-    return out
+        header = json.loads(take(data, len(MAGIC) + 8, hlen, path, fmt, "header").decode())
+        if header["format"] != "packed" or header["version"] != VERSION:
+            got = f"format {header['format']!r}, version {header['version']!r}"
+            raise not_valid(path, fmt, f"unsupported header ({got}); expected format 'packed', version {VERSION}")
+        out: dict[str, torch.Tensor | QuantizedTensor] = {}
+        for e in header["tensors"]:
+            if e["kind"] == "packed":
+                out[e["name"]] = _decode_packed(e, entry_bytes(e, data, base, path, fmt))
+            else:
+                out[e["name"]] = decode_raw_tensor(e, data, base, path, fmt)
+        return out
 
 
 def load_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -38,9 +38,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_fraction, check_int, check_model
+from .._validate import (
+    check_bool, check_choice, check_finite, check_float, check_fraction, check_int, check_mapping, check_model,
+    check_tensor, run_forward,
+)
 from ..train import Callback, TrainState
-from .base import Context, mark
+from .base import Context, check_ctx, mark
 
 Masks = dict[str, Tensor]
 Scores = dict[str, Tensor]
@@ -61,7 +64,38 @@ def check_sparsity(sparsity: object, param: str = "sparsity") -> float:
     return check_fraction(param, sparsity, meaning=" (the fraction of zero weights, 0.9 = 90% zeros)")
 
 
+def check_finetune_ctx(method: str, ctx: object, finetune: object) -> Context | None:
+    """``ctx`` of a method that fine-tunes when ``finetune``: a Context, or None with ``finetune=False``."""
+    check_bool("finetune", finetune)
+    check_ctx(ctx, optional=True)
+    if finetune and ctx is None:
+        raise ValueError(f"{method}: finetune=True needs a Context (ctx); pass finetune=False to skip it")
+    return ctx
+
+
+def _check_tensors(param: str, tensors: object, *, finite: bool = False) -> Mapping[str, Tensor]:
+    """A {name: tensor} mapping (finite when asked); TypeError/ValueError naming ``param`` otherwise."""
+    check_mapping(param, tensors, "a {parameter name: tensor} dict")
+    for name, t in tensors.items():
+        check_tensor(f"{param}[{name!r}]", t)
+        if finite:
+            check_finite(f"{param}[{name!r}]", t)
+    return tensors
+
+
+def _check_masks(masks: object) -> Mapping[str, Tensor]:
+    """A {parameter name: bool tensor} mapping; TypeError naming ``masks`` otherwise."""
+    _check_tensors("masks", masks)
+    for name, m in masks.items():
+        if m.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor (True keeps a weight), got {m.dtype}")
+    return masks
+
+
 def _check_exclude(exclude: str | Iterable[str]) -> tuple[str, ...]:
+    if not isinstance(exclude, (str, Iterable)):
+        raise TypeError(f"exclude must be 'first', 'last', a parameter name or a sequence of them, "
+                        f"got {type(exclude).__name__}")
     items = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     for item in items:
         if not isinstance(item, str):
@@ -78,7 +112,12 @@ def prunable_weights(model: nn.Module, exclude: str | Iterable[str] = ()) -> dic
     ``exclude`` may hold ``"first"`` (the first such layer, usually the stem conv), ``"last"`` (the last one:
     the classifier / regression Linear or the final 1x1 conv of a dense head) and exact parameter names.
     """
+    check_model(model)
     exclude = _check_exclude(exclude)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, PRUNABLE):
+            raise ValueError(f"cannot prune {name or 'model'}: {type(module).__name__} layers are not supported; "
+                             "accepted layer types: Conv2d, Linear")
     weights = {f"{name}.weight" if name else "weight": module.weight
                for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
     names = list(weights)
@@ -94,13 +133,23 @@ def prunable_weights(model: nn.Module, exclude: str | Iterable[str] = ()) -> dic
     return {name: w for name, w in weights.items() if name not in drop}
 
 
+def _weights_to_prune(model: nn.Module, exclude: str | Iterable[str], what: str = "prune") -> dict[str, nn.Parameter]:
+    """:func:`prunable_weights`, with a ValueError when there are none (pruning would silently do nothing)."""
+    weights = prunable_weights(model, exclude)
+    if not weights:
+        raise ValueError(f"nothing to {what}: the model has no Conv2d/Linear weight left after exclude={exclude!r}")
+    return weights
+
+
 def magnitude_scores(weights: Mapping[str, Tensor]) -> Scores:
     """|w|: the smallest weights are pruned first (Han et al. 2015)."""
+    _check_tensors("weights", weights)
     return {name: w.detach().abs().clone() for name, w in weights.items()}
 
 
 def random_scores(weights: Mapping[str, Tensor], seed: int = 0) -> Scores:
     """Uniform random scores: random pruning, the control every criterion should beat."""
+    _check_tensors("weights", weights)
     check_int("seed", seed, min_value=0)
     gen = torch.Generator().manual_seed(seed)
     return {name: torch.rand(w.shape, generator=gen) for name, w in weights.items()}
@@ -120,6 +169,10 @@ def _lowest(flat: Tensor, k: int) -> Tensor:
 
 def layerwise_masks(scores: Mapping[str, Tensor], sparsity: float | Mapping[str, float]) -> Masks:
     """Prune ``round(sparsity * n)`` lowest-score weights in every layer (``sparsity`` may be per layer)."""
+    _check_scores(scores)
+    if isinstance(sparsity, Mapping) and set(scores) - set(sparsity):
+        raise ValueError(f"sparsity has no entry for {sorted(set(scores) - set(sparsity))}; a per-layer sparsity "
+                         "dict must name every scored weight")
     masks = {}
     for name, s in scores.items():
         target = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
@@ -131,8 +184,7 @@ def layerwise_masks(scores: Mapping[str, Tensor], sparsity: float | Mapping[str,
 def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> Masks:
     """Prune the ``round(sparsity * N)`` lowest scores over all layers together (N = all scored weights)."""
     sparsity = check_sparsity(sparsity)
-    if not scores:
-        return {}
+    _check_scores(scores)
     flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
     keep = _lowest(flat, _n_pruned(sparsity, flat.numel()))
     masks, start = {}, 0
@@ -140,6 +192,12 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> Masks:
         masks[name] = keep[start:start + s.numel()].reshape(s.shape)
         start += s.numel()
     return masks
+
+
+def _check_scores(scores: object) -> None:
+    _check_tensors("scores", scores, finite=True)
+    if not scores:
+        raise ValueError("scores is empty: nothing to prune (no Conv2d/Linear weight was scored)")
 
 
 def scope_masks(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global") -> Masks:
@@ -150,7 +208,8 @@ def scope_masks(scores: Mapping[str, Tensor], sparsity: float, scope: str = "glo
 
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
     """Multiply each masked parameter of ``model`` by its mask IN PLACE; return ``model``."""
-    params = dict(model.named_parameters())
+    _check_masks(masks)
+    params = dict(check_model(model).named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
             if name not in params:
@@ -164,8 +223,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
 
 def mask_sparsity(masks: Mapping[str, Tensor]) -> float:
     """Fraction of pruned (False) entries over all masks."""
+    _check_masks(masks)
     total = sum(m.numel() for m in masks.values())
-    return 0.0 if total == 0 else 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+    if total == 0:
+        raise ValueError("masks is empty: there is no weight whose sparsity could be measured")
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
 
 
 def masks_from_zeros(model: nn.Module, exclude: str | Iterable[str] = ()) -> Masks:
@@ -175,6 +237,7 @@ def masks_from_zeros(model: nn.Module, exclude: str | Iterable[str] = ()) -> Mas
 
 def weight_sparsity(model: nn.Module, exclude: str | Iterable[str] = ()) -> float:
     """Fraction of exact zeros among the model's Conv2d/Linear weights (all of them by default)."""
+    _weights_to_prune(model, exclude, "measure")
     return mask_sparsity(masks_from_zeros(model, exclude))
 
 
@@ -194,7 +257,9 @@ def make_masks(
     scores: ScoreFn = magnitude_scores,
 ) -> Masks:
     """Masks of ``model``'s prunable weights at ``sparsity``, ranked by ``scores(weights)``."""
-    return scope_masks(scores(prunable_weights(model, exclude)), sparsity, scope)
+    if not callable(scores):
+        raise TypeError(f"scores must be a function {{name: weight}} -> {{name: score}}, got {type(scores).__name__}")
+    return scope_masks(scores(_weights_to_prune(model, exclude)), sparsity, scope)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +273,7 @@ class MaskCallback(Callback):
     """
 
     def __init__(self, masks: Mapping[str, Tensor]) -> None:
-        self.masks = dict(masks)
+        self.masks = dict(_check_masks(masks))
 
     def on_train_begin(self, state: TrainState) -> None:
         """Zero the pruned weights."""
@@ -222,6 +287,7 @@ class MaskCallback(Callback):
 def finetune_masked(model: nn.Module, ctx: Context, masks: Mapping[str, Tensor], epochs: int | None = None,
                     lr: float | None = None) -> nn.Module:
     """Fine-tune ``model`` IN PLACE for ``epochs`` (default ``ctx.budget``; 0 skips) keeping ``masks``."""
+    check_ctx(ctx)
     epochs = ctx.budget if epochs is None else check_int("epochs", epochs, min_value=0)
     apply_masks(model, masks)
     if epochs > 0:
@@ -246,8 +312,9 @@ def _one_shot(name: str, model: nn.Module, ctx: Context, sparsity, scope, finetu
     start = time.perf_counter()
     sparsity = check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
+    check_finetune_ctx(f"{name}_prune", ctx, finetune)
     pruned = _copy(model)
-    masks = scope_masks(scores(prunable_weights(pruned, exclude)), sparsity, scope)
+    masks = scope_masks(scores(_weights_to_prune(pruned, exclude)), sparsity, scope)
     apply_masks(pruned, masks)
     if finetune:
         finetune_masked(pruned, ctx, masks, epochs, lr)
@@ -269,7 +336,7 @@ def magnitude_prune(
     lr: float | None = None,
 ) -> nn.Module:
     """Zero the smallest-|w| weights (per layer or globally), then fine-tune ``epochs`` (default
-    ``ctx.budget``) with the masks enforced (Han et al. 2015)."""
+    ``ctx.budget``) with the masks enforced (Han et al. 2015). ``ctx`` may be None with ``finetune=False``."""
     return _one_shot("magnitude", model, ctx, sparsity, scope, finetune, exclude, epochs, lr, magnitude_scores)
 
 
@@ -286,7 +353,11 @@ def random_prune(
     seed: int | None = None,
 ) -> nn.Module:
     """Zero random weights (seed: ``ctx.seed``) -- the control. ``scope="layer"`` by default: global random
-    pruning prunes every layer at the same rate anyway, up to sampling noise."""
+    pruning prunes every layer at the same rate anyway, up to sampling noise. ``ctx`` may be None with
+    ``finetune=False`` and a ``seed``."""
+    check_finetune_ctx("random_prune", ctx, finetune)
+    if seed is None and ctx is None:
+        raise ValueError("random_prune: without a Context (ctx=None) pass seed= explicitly")
     seed = ctx.seed if seed is None else check_int("seed", seed, min_value=0)
     return _one_shot("random", model, ctx, sparsity, scope, finetune, exclude, epochs, lr,
                      lambda w: random_scores(w, seed), seed=seed)
@@ -307,12 +378,19 @@ def agp_sparsity(step: int, *, initial_sparsity: float = 0.0, final_sparsity: fl
     s_f = check_sparsity(final_sparsity, "final_sparsity")
     check_int("start_step", start_step, min_value=0)
     check_int("end_step", end_step, min_value=start_step + 1)
+    _check_rising(s_i, s_f)
     if step <= start_step:
         return s_i
     if step >= end_step:
         return s_f
     progress = (step - start_step) / (end_step - start_step)
     return s_f + (s_i - s_f) * (1.0 - progress) ** 3
+
+
+def _check_rising(initial: float, final: float) -> None:
+    if initial > final:
+        raise ValueError(f"initial_sparsity={initial!r} must not exceed final_sparsity={final!r}: gradual pruning "
+                         "only adds zeros")
 
 
 class AGPCallback(Callback):
@@ -327,9 +405,12 @@ class AGPCallback(Callback):
 
     def __init__(self, masks_fn: MasksFn | None = None, *, initial_sparsity: float = 0.0, final_sparsity: float,
                  start_step: int = 0, end_step: int, frequency: int = 1) -> None:
+        if masks_fn is not None and not callable(masks_fn):
+            raise TypeError(f"masks_fn must be a function (model, sparsity) -> masks, got {type(masks_fn).__name__}")
         self.masks_fn: MasksFn = masks_fn or (lambda m, s: make_masks(m, s))
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
+        _check_rising(self.initial_sparsity, self.final_sparsity)
         self.start_step = check_int("start_step", start_step, min_value=0)
         self.end_step = check_int("end_step", end_step, min_value=start_step + 1)
         self.frequency = check_int("frequency", frequency, min_value=1)
@@ -383,8 +464,9 @@ def agp_prune(
     at least 1): sparsity rises on the cubic schedule over the first ``prune_fraction`` of the steps, the rest
     recovers at ``sparsity``. ``frequency`` (dt) defaults to about 20 pruning events."""
     start = time.perf_counter()
+    check_ctx(ctx)
     sparsity = check_sparsity(sparsity)
-    check_sparsity(initial_sparsity, "initial_sparsity")
+    _check_rising(check_sparsity(initial_sparsity, "initial_sparsity"), sparsity)
     check_choice("scope", scope, SCOPES)
     check_float("prune_fraction", prune_fraction, min_value=0.0, max_value=1.0)
     epochs = max(1, ctx.budget) if epochs is None else check_int("epochs", epochs, min_value=1)
@@ -392,7 +474,7 @@ def agp_prune(
     end_step = max(1, int(round(prune_fraction * total)))
     frequency = max(1, end_step // 20) if frequency is None else check_int("frequency", frequency, min_value=1)
     pruned = _copy(model)
-    prunable_weights(pruned, exclude)  # validate exclude early
+    _weights_to_prune(pruned, exclude)  # validate exclude early
     agp = AGPCallback(lambda m, s: make_masks(m, s, scope=scope, exclude=exclude),
                       initial_sparsity=initial_sparsity, final_sparsity=sparsity, start_step=0,
                       end_step=end_step, frequency=frequency)
@@ -427,6 +509,7 @@ def iterative_prune(
     """Prune by magnitude to each of :func:`iterative_sparsities` in turn, fine-tuning ``epochs_per_iteration``
     (default ``ctx.budget``) with the masks kept after each pruning step."""
     start = time.perf_counter()
+    check_ctx(ctx)
     levels = iterative_sparsities(sparsity, iterations)
     check_choice("scope", scope, SCOPES)
     pruned = _copy(model)
@@ -442,7 +525,19 @@ def iterative_prune(
 # Second order: OBD with a Fisher (or exact) Hessian diagonal
 # ----------------------------------------------------------------------------------------------------------
 def _batches(ctx: Context, n_batches: int, batches) -> list[tuple[Tensor, Tensor]]:
-    return list(batches) if batches is not None else ctx.calibration_batches(n_batches)
+    """``batches`` (checked: a non-empty sequence of (input, target) tensor pairs) or training batches of ``ctx``."""
+    if batches is None:
+        return ctx.calibration_batches(n_batches)
+    if isinstance(batches, (str, bytes, Tensor)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be a sequence of (input, target) pairs, got {type(batches).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: pass at least one (input, target) pair, or None for training batches")
+    for b in batches:
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, Tensor) for t in b)):
+            raise TypeError(f"batches must hold (input, target) pairs of tensors, got {type(b).__name__}")
+        check_finite("batches", b[0])
+    return batches
 
 
 def fisher_diagonal(
@@ -465,10 +560,11 @@ def fisher_diagonal(
     For a loss that is a negative log-likelihood (cross-entropy; MSE = Gaussian NLL with variance 1/2), the
     empirical Fisher approaches the Hessian near a well-fit optimum; elsewhere it is a positive proxy.
     """
+    check_ctx(ctx)
     check_int("n_batches", n_batches, min_value=1)
     if micro_batch is not None:
         check_int("micro_batch", micro_batch, min_value=1)
-    weights = prunable_weights(model, exclude)
+    weights = _weights_to_prune(model, exclude)
     names, params = list(weights), list(weights.values())
     fisher = [torch.zeros_like(p) for p in params]
     count = 0
@@ -478,7 +574,7 @@ def fisher_diagonal(
         for x, y in _batches(ctx, n_batches, batches):
             size = len(x) if micro_batch is None else micro_batch
             for i in range(0, len(x), size):
-                loss = ctx.task.loss(model(x[i:i + size]), y[i:i + size])
+                loss = ctx.task.loss(run_forward(model, x[i:i + size], "batches"), y[i:i + size])
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for f, g in zip(fisher, grads):
                     if g is not None:
@@ -502,8 +598,10 @@ def hessian_diagonal(
     one extra backward pass per weight, so only for tiny models (``max_params``). Eval mode; no side effects.
     Use it to check :func:`fisher_diagonal` (tests do, on linear regression where H_jj = 2/N sum_i x_ij**2).
     """
+    check_ctx(ctx)
     check_int("n_batches", n_batches, min_value=1)
-    weights = prunable_weights(model, exclude)
+    check_int("max_params", max_params, min_value=1)
+    weights = _weights_to_prune(model, exclude)
     total = sum(w.numel() for w in weights.values())
     if total > max_params:
         raise ValueError(f"hessian_diagonal needs one backward pass per weight; the model has {total} prunable "
@@ -515,7 +613,7 @@ def hessian_diagonal(
     model.eval()
     try:
         for x, y in data:
-            loss = ctx.task.loss(model(x), y)
+            loss = ctx.task.loss(run_forward(model, x, "batches"), y)
             grads = torch.autograd.grad(loss, params, create_graph=True)
             for h, p, g in zip(hess, params, grads):
                 flat_g = g.reshape(-1)
@@ -531,9 +629,14 @@ def hessian_diagonal(
 def obd_scores(weights: Mapping[str, Tensor], fisher: Mapping[str, Tensor]) -> Scores:
     """OBD saliency 0.5 * H_ii * w_i**2 (LeCun et al. 1990): the loss increase from zeroing w_i, with the
     Hessian diagonal H_ii estimated by ``fisher`` (off-diagonal terms and the gradient term ignored)."""
+    _check_tensors("weights", weights)
+    _check_tensors("fisher", fisher, finite=True)
     missing = [name for name in weights if name not in fisher]
     if missing:
         raise ValueError(f"fisher has no entry for {missing}")
+    for name, w in weights.items():
+        if fisher[name].shape != w.shape:
+            raise ValueError(f"fisher[{name!r}] has shape {tuple(fisher[name].shape)}, the weight {tuple(w.shape)}")
     return {name: 0.5 * fisher[name].detach() * w.detach() ** 2 for name, w in weights.items()}
 
 
@@ -559,6 +662,8 @@ def obd_prune(
     magnitude pruning. The diagonal, second-order-at-a-minimum model of the loss breaks at such sparsity.
     """
     check_sparsity(sparsity)
+    check_choice("scope", scope, SCOPES)
+    check_bool("finetune", finetune)
     fisher = fisher_diagonal(model, ctx, n_batches, micro_batch=micro_batch, exclude=exclude)
     return _one_shot("obd", model, ctx, sparsity, scope, finetune, exclude, epochs, lr,
                      lambda w: obd_scores(w, fisher), n_batches=n_batches, micro_batch=micro_batch)
@@ -619,6 +724,8 @@ def group_masks(model: nn.Module, threshold: float, groups: str = "filters", *, 
     """Masks that zero whole groups whose L2 norm is below ``threshold`` (``relative=True``: below
     ``threshold`` x the layer's largest group norm). At least one group per layer is always kept."""
     check_float("threshold", threshold, min_value=0.0)
+    check_bool("relative", relative)
+    check_choice("groups", groups, GROUPS)
     masks = {}
     for name, w in _conv_weights(model, exclude).items():
         norms = _group_view(w.detach(), groups).norm(dim=1)
@@ -659,7 +766,12 @@ def group_lasso_train(
     channel; here the zeros are only a mask.
     """
     start = time.perf_counter()
+    check_ctx(ctx)
     epochs = max(1, ctx.budget) if epochs is None else check_int("epochs", epochs, min_value=1)
+    check_float("threshold", threshold, min_value=0.0)
+    check_bool("relative", relative)
+    if not _conv_weights(check_model(model), exclude):
+        raise ValueError(f"group lasso needs Conv2d layers; the model has none left after exclude={exclude!r}")
     trained = _copy(model)
     ctx.finetune(trained, epochs=epochs, lr=lr, extra_loss=group_lasso_loss(strength, groups, exclude))
     masks = zero_small_groups(trained, threshold, groups, relative=relative, exclude=exclude)
@@ -689,13 +801,18 @@ def layer_sensitivity(
     ``baseline`` (unpruned value) and ``drop`` (baseline - value for higher-is-better metrics). ``model``
     is not changed (each point prunes a copy).
     """
+    check_ctx(ctx)
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Iterable):
+        raise TypeError(f"sparsities must be a sequence of numbers in [0, 1), got {type(sparsities).__name__}")
     levels = [check_sparsity(s) for s in sparsities]
+    if not levels:
+        raise ValueError("sparsities is empty: pass at least one sparsity in [0, 1)")
     check_choice("split", split, ("train", "val", "test"))
     metric = ctx.task.primary_metric
     base = ctx.score(model, split)
     sign = 1.0 if ctx.task.higher_is_better else -1.0
     rows = []
-    for name, w in prunable_weights(model, exclude).items():
+    for name, w in _weights_to_prune(model, exclude).items():
         for level in levels:
             pruned = copy.deepcopy(model)
             weight = dict(pruned.named_parameters())[name]
@@ -707,7 +824,7 @@ def layer_sensitivity(
 
 
 __all__ = [
-    "AGPCallback", "MaskCallback", "agp_prune", "agp_sparsity", "apply_masks", "check_sparsity",
+    "AGPCallback", "MaskCallback", "agp_prune", "agp_sparsity", "apply_masks", "check_finetune_ctx", "check_sparsity",
     "fisher_diagonal", "finetune_masked", "global_masks", "group_lasso_loss", "group_lasso_penalty",
     "group_lasso_train", "group_masks", "group_norms", "hessian_diagonal", "iterative_prune",
     "iterative_sparsities", "layer_sensitivity", "layerwise_masks", "magnitude_prune", "magnitude_scores",

@@ -41,13 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_int, check_model, check_type
+from .._validate import (
+    check_bool, check_choice, check_finite, check_float, check_fraction, check_int, check_mapping, check_model,
+    check_tensor, check_type, run_forward,
+)
 from ..train import Callback, TrainState
 from .base import Context, check_ctx, mark, replace_module
 from .packing import QuantizedTensor
 
 BITS_RANGE = (2, 16)          # uniform grids
 QUANTIZERS = ("uniform", "lsq", "binary", "ternary")
+FIXED_BITS = {"binary": 1, "ternary": 2}  # quantizers whose weights have a fixed number of bits
 CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
 WEIGHT_CALIBRATORS = ("minmax", "mse")
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -63,9 +67,68 @@ def check_bits(bits: object, param: str = "bits", *, low: int = BITS_RANGE[0], h
     return check_int(param, bits, min_value=low, max_value=high)
 
 
+def _resolve_bits(bits: object, quantizer: str, default: int) -> int | None:
+    """``bits="auto"``: the quantizer's fixed width (binary 1, ternary 2) or ``default``. For binary/ternary any
+    other ``bits`` is rejected."""
+    fixed = FIXED_BITS.get(quantizer)
+    if isinstance(bits, str):
+        if bits != "auto":
+            raise ValueError(f"bits={bits!r} is not supported; accepted: an int in [{BITS_RANGE[0]}, {BITS_RANGE[1]}] "
+                             "or 'auto'")
+        return fixed or default
+    if fixed is None or bits is None or bits == fixed:
+        return bits
+    message = (f"bits={bits!r} does not apply to quantizer={quantizer!r}, whose weights have {fixed} bit(s); "
+               f"accepted: bits={fixed} or bits='auto'")
+    check_int("bits", bits)
+    raise ValueError(message)
+
+
+def _check_qrange(qmin: object, qmax: object) -> tuple[int, int]:
+    check_int("qmin", qmin)
+    check_int("qmax", qmax)
+    if qmin >= qmax:
+        raise ValueError(f"qmin={qmin} must be below qmax={qmax} (a grid needs at least two levels)")
+    return int(qmin), int(qmax)
+
+
+def _as_tensor(param: str, value: object) -> Tensor:
+    """A tensor from a tensor or a real number; TypeError naming ``param`` otherwise."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{param} must be a torch.Tensor or a number, got {type(value).__name__}")
+    return torch.as_tensor(value)
+
+
+def _check_scale(scale: object) -> Tensor:
+    scale = _as_tensor("scale", scale)
+    if scale.is_complex() or not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError(f"scale must be finite and > 0 (the grid step), got {scale.flatten()[:4].tolist()}")
+    return scale
+
+
+def _check_zero_point(zero_point: object, qmin: int | None = None, qmax: int | None = None) -> Tensor:
+    zero_point = _as_tensor("zero_point", zero_point)
+    if zero_point.is_complex() or not bool((zero_point == torch.round(zero_point.double())).all()):
+        raise ValueError(f"zero_point must hold integers (grid codes), got {zero_point.flatten()[:4].tolist()}")
+    if qmin is not None and bool(((zero_point < qmin) | (zero_point > qmax)).any()):
+        raise ValueError(f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got "
+                         f"{zero_point.flatten()[:4].tolist()}")
+    return zero_point
+
+
+def _check_values(param: str, x: object) -> Tensor:
+    check_tensor(param, x)
+    if not x.is_floating_point():
+        raise TypeError(f"{param} must be a floating-point tensor, got {x.dtype}")
+    return check_finite(param, x)
+
+
 def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
     """Integer range of a grid: narrow signed ``[-(2**(b-1)-1), 2**(b-1)-1]`` or unsigned ``[0, 2**b-1]``."""
     check_bits(bits)
+    check_bool("symmetric", symmetric)
     if symmetric:
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -73,8 +136,8 @@ def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
 
 def qparams(lo: Tensor | float, hi: Tensor | float, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
     """(scale float32, zero_point int64) mapping the clipping range [lo, hi] onto the grid."""
-    lo = torch.as_tensor(lo, dtype=torch.float32)
-    hi = torch.as_tensor(hi, dtype=torch.float32)
+    lo = check_finite("lo", _as_tensor("lo", lo).to(torch.float32))
+    hi = check_finite("hi", _as_tensor("hi", hi).to(torch.float32))
     if bool((lo > hi).any()):
         raise ValueError("clipping range needs lo <= hi")
     qmin, qmax = qrange(bits, symmetric)
@@ -105,6 +168,12 @@ def _along(t: Tensor, x: Tensor, axis: int | None) -> Tensor:
 
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """Integer codes (int64) of ``x``: clamp(round(x * (1/scale)) + zero_point, qmin, qmax)."""
+    qmin, qmax = _check_qrange(qmin, qmax)
+    return _quantize(_check_values("x", x), _check_scale(scale), _check_zero_point(zero_point, qmin, qmax), qmin, qmax,
+                     axis)
+
+
+def _quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     inv = _along(torch.reciprocal(scale.to(torch.float32)), x, axis)
     q = torch.round(x * inv) + _along(zero_point, x, axis)
     return torch.clamp(q, qmin, qmax).to(torch.int64)
@@ -112,16 +181,37 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Real values (float32) of codes ``q``: (q - zero_point) * scale."""
+    check_tensor("q", q)
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise TypeError(f"q must hold integer codes (e.g. from quantize), got {q.dtype}")
+    return _dequantize(q, _check_scale(scale), _check_zero_point(zero_point), axis)
+
+
+def _dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     return (q - _along(zero_point, q, axis)).to(torch.float32) * _along(scale.to(torch.float32), q, axis)
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """``dequantize(quantize(x))``: the float tensor a quantized model really computes with."""
-    return dequantize(quantize(x, scale, zero_point, qmin, qmax, axis), scale, zero_point, axis)
+    qmin, qmax = _check_qrange(qmin, qmax)
+    scale, zero_point = _check_scale(scale), _check_zero_point(zero_point, qmin, qmax)
+    return _fake_quantize(_check_values("x", x), scale, zero_point, qmin, qmax, axis)
+
+
+def _fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                   axis: int | None = None) -> Tensor:
+    return _dequantize(_quantize(x, scale, zero_point, qmin, qmax, axis), scale, zero_point, axis)
 
 
 def sqnr_db(x: Tensor, x_hat: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(sum x^2 / sum (x - x_hat)^2)."""
+    _check_values("x", x)
+    _check_values("x_hat", x_hat)
+    if x.shape != x_hat.shape or x.numel() == 0:
+        raise ValueError(f"x and x_hat must have the same non-empty shape, got {tuple(x.shape)} and "
+                         f"{tuple(x_hat.shape)}")
+    if not bool(x.any()):
+        raise ValueError("x is all zeros: its SQNR is undefined (there is no signal)")
     noise = float(((x - x_hat) ** 2).sum())
     return math.inf if noise == 0 else 10.0 * math.log10(float((x**2).sum()) / noise)
 
@@ -163,7 +253,7 @@ def _mse_range(x: Tensor, bits: int, symmetric: bool, axis: int | None, steps: i
             chi = torch.maximum(clo.abs(), chi.abs())
             clo = -chi
         scale, zp = qparams(clo, chi, bits, symmetric)
-        err = (fake_quantize(x, scale, zp, qmin, qmax, axis) - x) ** 2
+        err = (_fake_quantize(x, scale, zp, qmin, qmax, axis) - x) ** 2
         err = err.mean() if axis is None else err.transpose(0, axis).reshape(x.shape[axis], -1).mean(1)
         if best_err is None:
             best_err, best_lo, best_hi = err, clo, chi
@@ -223,10 +313,14 @@ def calibrate_range(
     """Clipping range [lo, hi] of ``x`` by ``method``: "minmax", "percentile", "mse" or "entropy"."""
     check_choice("calibrator", method, CALIBRATORS)
     check_bits(bits)
+    check_bool("symmetric", symmetric)
     check_float("percentile", percentile, min_value=50.0, max_value=100.0)
+    check_tensor("x", x)
     if x.numel() == 0:
         raise ValueError("calibration needs data: got an empty tensor")
-    x = x.detach().float()
+    if axis is not None:
+        check_int("axis", axis, min_value=-x.dim(), max_value=x.dim() - 1)
+    x = _check_values("x", x.detach().float())
     if method == "entropy" and bits > ENTROPY_MAX_BITS:
         raise ValueError(f"the entropy calibrator supports bits <= {ENTROPY_MAX_BITS} (a 2048-bin histogram), got {bits}")
     if axis is not None and method in ("percentile", "entropy"):
@@ -249,11 +343,13 @@ def calibrate_range(
 # ----------------------------------------------------------------------------------------------------------
 def round_ste(x: Tensor) -> Tensor:
     """round(x) forward, identity gradient backward."""
+    check_tensor("x", x)
     return x + (torch.round(x) - x).detach()
 
 
 def sign_ste(x: Tensor) -> Tensor:
     """sign(x) with sign(0) = +1 forward; hard-tanh gradient (1 where |x| <= 1) backward (BinaryConnect)."""
+    check_tensor("x", x)
     s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     clipped = torch.clamp(x, -1.0, 1.0)
     return clipped + (s - clipped).detach()
@@ -268,20 +364,39 @@ def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, axis: int | None
     """Learned step size quantization (Esser et al. 2020): round_ste(clamp(x/s)) * s, s's gradient scaled
     by g = 1/sqrt(features * qmax); ``features``: values per step (default: x.numel() / steps; for
     activations pass the features of one example)."""
+    check_tensor("x", x)
+    if not bool((torch.isfinite(check_tensor("step", step)) & (step != 0)).all()):
+        raise ValueError(f"step must be finite and non-zero (its magnitude is the grid step), got "
+                         f"{step.detach().flatten()[:4].tolist()}")
+    qmin, qmax = _check_qrange(qmin, qmax)
+    if features is not None:
+        check_int("features", features, min_value=1)
     n = features if features is not None else x.numel() // max(1, step.numel())
     g = 1.0 / math.sqrt(max(1, n) * max(1, qmax))
     s = _along(_grad_scale(step.abs() + 1e-8, g), x, axis)
     return round_ste(torch.clamp(x / s, qmin, qmax)) * s
 
 
+def _check_weight(w: object) -> Tensor:
+    check_tensor("w", w, ndim=tuple(range(2, 9)), shape="(out_channels, ...) with at least 2 dims")
+    if w.numel() == 0:
+        raise ValueError(f"w must not be empty, got shape {tuple(w.shape)}")
+    return w
+
+
 def binary_weight(w: Tensor) -> Tensor:
     """XNOR-Net weights: alpha * sign(w), alpha = mean |w| per output channel, with an STE."""
+    _check_weight(w)
     alpha = w.abs().flatten(1).mean(1).reshape([-1] + [1] * (w.dim() - 1))
     return alpha * sign_ste(w)
 
 
 def ternary_weight(w: Tensor, threshold: float = 0.7) -> Tensor:
-    """TWN weights in {-alpha, 0, alpha}: |w| <= threshold * mean|w| -> 0, alpha = mean of the rest."""
+    """TWN weights in {-alpha, 0, alpha}: |w| <= threshold * mean|w| -> 0, alpha = mean of the rest.
+
+    ``threshold`` lies in [0, 1): below 1 the largest |w| of every channel survives, so the result is ternary."""
+    _check_weight(w)
+    check_fraction("threshold", threshold, meaning=" (times mean|w|; 0.7 in TWN)")
     flat = w.abs().flatten(1)
     delta = (threshold * flat.mean(1)).reshape([-1] + [1] * (w.dim() - 1))
     keep = (w.abs() > delta).to(w.dtype)
@@ -308,7 +423,7 @@ class QuantMixin:
     def _setup(self, weight_bits: int, act_bits: int | None, quantizer: str, per_channel: bool,
                symmetric: bool, act_symmetric: bool) -> None:
         self.quantizer = quantizer
-        self.weight_bits = {"binary": 1, "ternary": 2}.get(quantizer, weight_bits)
+        self.weight_bits = FIXED_BITS.get(quantizer, weight_bits)
         self.act_bits = act_bits
         self.per_channel = per_channel or quantizer in ("binary", "ternary")
         self.symmetric = symmetric or quantizer in ("lsq", "binary", "ternary")
@@ -496,7 +611,15 @@ def _quantized_copy(layer: nn.Module, spec: dict) -> nn.Module:
 
 def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:
     """The quantized layers of ``model`` by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantMixin)}
+    return {n: m for n, m in check_model(model).named_modules() if isinstance(m, QuantMixin)}
+
+
+def _quantized(model: object) -> dict[str, QuantMixin]:
+    """The quantized layers; ValueError if there are none (a float model)."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("model has no quantized layers (QConv2d/QLinear): run prepare(model) first")
+    return layers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -526,6 +649,11 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv computing bn(conv(x)) in eval mode: w * g/sqrt(v+eps), (b - mean) * g/sqrt(v+eps) + beta."""
+    check_type("conv", conv, nn.Conv2d, "a torch.nn.Conv2d")
+    check_type("bn", bn, nn.BatchNorm2d, "a torch.nn.BatchNorm2d")
+    if bn.num_features != conv.out_channels or bn.running_var is None:
+        raise ValueError(f"bn must be a BatchNorm2d with running statistics over the conv's {conv.out_channels} output "
+                         f"channels, got num_features={bn.num_features}, track_running_stats={bn.track_running_stats}")
     folded = copy.deepcopy(conv)
     with torch.no_grad():
         factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
@@ -555,7 +683,7 @@ LayerBits = Mapping[str, "int | tuple[int, int | None] | None"]
 
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the Conv2d/Linear layers, in definition order (first = input layer, last = output layer)."""
-    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    return [n for n, m in check_model(model).named_modules() if isinstance(m, QUANTIZABLE)]
 
 
 def _check_act_bits(act_bits: object) -> int | None:
@@ -566,6 +694,8 @@ def _layer_plan(model: nn.Module, bits: int | None, act_bits: int | None, quanti
                 layer_bits: LayerBits | None) -> dict[str, tuple[int, int | None, str]]:
     """(weight bits, act bits, quantizer) for each layer to quantize."""
     names = quantizable_layers(model)
+    if layer_bits is not None:
+        check_mapping("layer_bits", layer_bits, "a {layer name: bits or (weight_bits, act_bits) or None} dict")
     plan: dict[str, tuple[int, int | None, str]] = {}
     if bits is not None:
         plan = {n: (bits, act_bits, quantizer) for n in names}
@@ -587,15 +717,17 @@ def _layer_plan(model: nn.Module, bits: int | None, act_bits: int | None, quanti
 
 
 def prepare(
-    model: nn.Module, *, bits: int | None = 8, act_bits: int | None = 8, quantizer: str = "uniform",
+    model: nn.Module, *, bits: int | None | str = "auto", act_bits: int | None = 8, quantizer: str = "uniform",
     per_channel: bool = True, symmetric: bool = True, act_symmetric: bool = False, fold_bn: bool = True,
     keep_first_last: bool = True, layer_bits: LayerBits | None = None, weight_calibrator: str = "minmax",
 ) -> nn.Module:
     """A copy of ``model`` (BN folded) whose Conv2d/Linear layers are fake-quant QConv2d/QLinear.
 
-    ``bits=None`` quantizes only the layers named in ``layer_bits`` ({name: bits or (w_bits, a_bits) or None})."""
+    ``bits=None`` quantizes only the layers named in ``layer_bits`` ({name: bits or (w_bits, a_bits) or None});
+    ``bits="auto"``: 8, or the fixed width of ``binary`` (1) and ``ternary`` (2) weights, which accept no other."""
     check_model(model)
     check_choice("quantizer", quantizer, QUANTIZERS)
+    bits = _resolve_bits(bits, quantizer, 8)
     check_choice("weight_calibrator", weight_calibrator, WEIGHT_CALIBRATORS)
     for flag, value in (("per_channel", per_channel), ("symmetric", symmetric), ("act_symmetric", act_symmetric),
                         ("fold_bn", fold_bn), ("keep_first_last", keep_first_last)):
@@ -625,16 +757,24 @@ def prepare(
 
 
 def _check_batches(batches: object) -> list:
+    """The batches as a list of input tensors; TypeError/ValueError naming ``batches`` otherwise."""
+    if batches is not None and (isinstance(batches, (str, bytes, Tensor)) or not isinstance(batches, Iterable)):
+        raise TypeError(f"batches must be a sequence of input tensors or (input, target) pairs, "
+                        f"got {type(batches).__name__}")
     batches = list(batches) if batches is not None else []
     if not batches:
         raise ValueError("calibration needs data: batches is empty (pass at least one (input, target) batch)")
-    return batches
+    inputs = [b[0] if isinstance(b, (tuple, list)) and b else b for b in batches]
+    for x in inputs:
+        check_tensor("batches", x, shape="(B, ...) inputs, alone or in (input, target) pairs")
+        check_finite("batches", x)
+    return inputs
 
 
 def observe_activations(model: nn.Module, batches: Iterable) -> dict[str, Tensor]:
     """Input activations of every quantized layer over ``batches`` (at most SAMPLE_CAP values each; seeded)."""
     batches = _check_batches(batches)
-    layers = {n: m for n, m in quant_layers(model).items() if m.act_bits is not None}
+    layers = {n: m for n, m in _quantized(model).items() if m.act_bits is not None}
     seen: dict[str, list[Tensor]] = {n: [] for n in layers}
     gen = torch.Generator().manual_seed(0)
 
@@ -666,8 +806,8 @@ def _run_with_pre_hooks(model: nn.Module, batches: list, hooks: Mapping[nn.Modul
     try:
         model.eval()
         with torch.no_grad():
-            for batch in batches:
-                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+            for x in batches:
+                run_forward(model, x.to(device), "batches")
     finally:
         for h in handles:
             h.remove()
@@ -677,7 +817,10 @@ def _run_with_pre_hooks(model: nn.Module, batches: list, hooks: Mapping[nn.Modul
 def calibrate(model: nn.Module, batches: Iterable, calibrator: str = "minmax", *, percentile: float = 99.99) -> nn.Module:
     """Set every quantized layer's activation range from ``batches`` with ``calibrator`` (in place)."""
     check_choice("calibrator", calibrator, CALIBRATORS)
-    layers = quant_layers(model)
+    check_float("percentile", percentile, min_value=50.0, max_value=100.0)
+    layers = _quantized(model)
+    if all(m.act_bits is None for m in layers.values()):
+        raise ValueError("model quantizes no activations (act_bits=None in every layer): nothing to calibrate")
     for name, x in observe_activations(model, batches).items():
         layer = layers[name]
         symmetric = (layer.act_symmetric_preferred or layer.quantizer == "lsq") and bool(x.min() < 0)
@@ -692,7 +835,12 @@ def correct_bias(model: nn.Module, batches: Iterable) -> nn.Module:
     """Empirical bias correction (Nagel et al., ICCV 2019): add the mean output shift that weight rounding
     causes, E[(W - W_q) x] per output channel, to each quantized layer's bias (in place, before freeze)."""
     batches = _check_batches(batches)
-    layers = {n: m for n, m in quant_layers(model).items() if m.quantizer == "uniform" and not m.frozen}
+    layers = {n: m for n, m in _quantized(model).items() if m.quantizer == "uniform" and not m.frozen}
+    if not layers:
+        raise ValueError("model has no unfrozen uniform quantized layer: run correct_bias after prepare/calibrate and "
+                         "before freeze")
+    if any(m.act_bits is not None and not bool(m.a_calibrated) for m in layers.values()):
+        raise ValueError("model's activation ranges are not calibrated: run calibrate(model, batches) first")
     sums: dict[str, list[Tensor]] = {n: [] for n in layers}
     _run_with_pre_hooks(model, batches, {m: (lambda mod, inp, n=n: sums[n].append(mod.weight_error_output(inp[0])))
                                          for n, m in layers.items()})
@@ -707,7 +855,7 @@ def correct_bias(model: nn.Module, batches: Iterable) -> nn.Module:
 
 def freeze(model: nn.Module) -> nn.Module:
     """Bake every quantized layer's weights onto its grid (in place); the inference form of the model."""
-    for layer in quant_layers(model).values():
+    for layer in _quantized(model).values():
         layer.freeze()
     return model.eval()
 
@@ -767,18 +915,23 @@ def ptq(
 
 
 def qat(
-    model: nn.Module, ctx: Context, *, bits: int = 4, act_bits: int | None | str = "auto", quantizer: str = "uniform",
+    model: nn.Module, ctx: Context, *, bits: int | str = "auto", act_bits: int | None | str = "auto",
+    quantizer: str = "uniform",
     epochs: int | None = None, lr: float | None = None, calibrator: str = "minmax", per_channel: bool = True,
     fold_bn: bool = True, keep_first_last: bool = True, freeze_observers_at: float = 0.5, n_batches: int = 4,
 ) -> nn.Module:
     """Quantization-aware training with an STE (``uniform``), learned steps (``lsq``), ``binary`` or ``ternary``.
 
+    ``bits="auto"``: 4 for uniform/LSQ, 1 for binary and 2 for ternary weights (which accept no other bits).
     ``act_bits="auto"``: activations at ``bits`` for uniform/LSQ (W4A4), at 8 for binary/ternary weights.
     ``calibrator`` sets the initial activation ranges; uniform QAT then follows an EMA of the observed
     min/max until ``freeze_observers_at`` of the steps (:class:`ObserverFreeze`), LSQ learns them."""
     _check_common(model, ctx, n_batches)
     check_choice("quantizer", quantizer, QUANTIZERS)
     check_choice("calibrator", calibrator, CALIBRATORS)
+    bits = _resolve_bits(bits, quantizer, 4)
+    if bits is None:
+        raise TypeError("bits must be an int or 'auto', got None")
     if act_bits == "auto":
         act_bits = bits if quantizer in ("uniform", "lsq") else 8
     q = prepare(model, bits=bits, act_bits=act_bits, quantizer=quantizer, per_channel=per_channel,
@@ -791,9 +944,12 @@ def qat(
                 act_bits=act_bits, quantizer=quantizer, keep_first_last=keep_first_last, simulated_compute=True)
 
 
-def weight_quantize(model: nn.Module, quantizer: str = "uniform", bits: int = 8, *, per_channel: bool = True,
+def weight_quantize(model: nn.Module, quantizer: str = "uniform", bits: int | str = "auto", *, per_channel: bool = True,
                     symmetric: bool = True, fold_bn: bool = False, keep_first_last: bool = False) -> nn.Module:
-    """Weights only, no data: a frozen copy with every layer's weights on the ``quantizer`` grid."""
+    """Weights only, no data: a frozen copy with every layer's weights on the ``quantizer`` grid
+    (``bits="auto"``: 8, binary 1, ternary 2)."""
+    if bits is None:
+        raise TypeError("bits must be an int or 'auto', got None")
     return freeze(prepare(model, bits=bits, act_bits=None, quantizer=quantizer, per_channel=per_channel,
                           symmetric=symmetric, fold_bn=fold_bn, keep_first_last=keep_first_last))
 
@@ -808,6 +964,8 @@ def bit_sensitivity(
     """Metric change when one layer alone is quantized (weights, PTQ) at each of ``bits_options``."""
     check_model(model)
     check_ctx(ctx)
+    if isinstance(bits_options, (str, bytes)) or not isinstance(bits_options, Iterable):
+        raise TypeError(f"bits_options must be a sequence of bit widths, got {type(bits_options).__name__}")
     options = sorted({check_bits(b, "bits_options") for b in bits_options}, reverse=True)
     if not options:
         raise ValueError("bits_options must name at least one bit width")
@@ -862,9 +1020,14 @@ def _check_sensitivity(sensitivity: object) -> tuple[list[int], dict[tuple[str, 
     missing = {"layer", "bits", "drop"} - set(sensitivity.columns)
     if missing or sensitivity.empty:
         raise ValueError(f"sensitivity needs rows with columns layer, bits, drop (missing: {sorted(missing)})")
-    if sensitivity["drop"].isna().any():
-        raise ValueError("sensitivity has NaN drops")
-    options = sorted({int(b) for b in sensitivity["bits"]}, reverse=True)
+    if not np.isfinite(pd.to_numeric(sensitivity["drop"], errors="coerce")).all():
+        raise ValueError("sensitivity drops must be finite numbers (no NaN or inf)")
+    bits = pd.to_numeric(sensitivity["bits"], errors="coerce")
+    lo, hi = BITS_RANGE
+    if not (np.isfinite(bits) & (bits == np.round(bits)) & (bits >= lo) & (bits <= hi)).all():
+        raise ValueError(f"sensitivity bits must be integers in [{lo}, {hi}], got "
+                         f"{sorted(set(sensitivity['bits'].tolist()))}")
+    options = sorted({int(b) for b in bits}, reverse=True)
     drop = {(str(r.layer), int(r.bits)): max(0.0, float(r.drop)) for r in sensitivity.itertuples()}
     for layer in {k[0] for k in drop}:
         absent = [b for b in options if (layer, b) not in drop]
@@ -873,11 +1036,15 @@ def _check_sensitivity(sensitivity: object) -> tuple[list[int], dict[tuple[str, 
     return options, drop
 
 
-def _check_units(units: object, layers: set[str]) -> list[str]:
+def _check_units(units: object, layers: set[str], what: str = "sensitivity") -> list[str]:
     check_type("units", units, Mapping, "a {layer: count} mapping from layer_units")
     shared = [n for n in units if n in layers]
     if not shared:
-        raise ValueError(f"units and sensitivity share no layer names (units: {sorted(units)[:5]}...)")
+        raise ValueError(f"units and {what} share no layer names (units: {sorted(units)[:5]}...)")
+    missing = sorted(layers - set(units))
+    if missing:
+        raise ValueError(f"units has no entry for the {what} layers {missing[:5]}; pass units from layer_units "
+                         "for the same model")
     for n in shared:
         check_int(f"units[{n!r}]", units[n], min_value=1)
     return shared
@@ -902,8 +1069,14 @@ def _fill_budget(alloc: dict[str, int], drop: Mapping, units: Mapping[str, int],
 
 def average_bits(alloc: Mapping[str, int], units: Mapping[str, int]) -> float:
     """Units-weighted average weight bits of an allocation."""
+    check_mapping("alloc", alloc, "a {layer: bits} mapping from allocate_bits")
+    if not alloc:
+        raise ValueError("alloc is empty: pass the {layer: bits} mapping from allocate_bits")
+    _check_units(units, set(alloc), "alloc")
+    for n, b in alloc.items():
+        check_int(f"alloc[{n!r}]", b, min_value=1)
     total = sum(units[n] for n in alloc)
-    return sum(units[n] * b for n, b in alloc.items()) / max(1, total)
+    return sum(units[n] * b for n, b in alloc.items()) / total
 
 
 __all__ = [

@@ -35,8 +35,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._validate import check_int, check_model
-from ..cost.storage import model_tensors, register_format, stored_bytes
+from .._io import as_path, not_valid, read_file, reading, take
+from .._validate import check_finite, check_int, check_model, check_tensor, check_type
+from ..cost.storage import model_tensors, register_format, stored_bytes, tensor_dtype
 from ..train import Callback, TrainState
 from .base import Context, check_ctx, mark, replace_module
 from .coding import (
@@ -65,13 +66,32 @@ MAGICS = {"sparse": b"SLSPARS1", "shared": b"SLSHARE1", "deep_compression": b"SL
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _values(param: str, x: Any) -> np.ndarray:
+    """``x`` as a flat float64 array; TypeError unless numeric, ValueError if empty or not finite."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise TypeError(f"{param} must hold real numbers, got dtype {a.dtype}")
+    a = a.astype(np.float64).reshape(-1)
+    if a.size == 0:
+        raise ValueError(f"{param} must hold at least one value, got none")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{param} holds NaN or inf")
+    return a
+
+
 def linear_init(x: np.ndarray, k: int) -> np.ndarray:
     """``k`` centroids evenly spaced over [min(x), max(x)] (Deep Compression's best initialisation)."""
-    return np.linspace(float(np.min(x)), float(np.max(x)), k)
+    x = _values("x", x)
+    return np.linspace(float(np.min(x)), float(np.max(x)), check_int("k", k, min_value=1))
 
 
 def assign_1d(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid of each value (``centroids`` sorted ascending; ties go up)."""
+    x, centroids = _values("x", x), _values("centroids", centroids)
+    if centroids.size > 1 and not bool((np.diff(centroids) >= 0).all()):
+        raise ValueError("centroids must be sorted ascending")
     mid = (centroids[1:] + centroids[:-1]) / 2
     return np.searchsorted(mid, x, side="right")
 
@@ -84,13 +104,13 @@ def kmeans_1d(x: Any, k: int, *, init: np.ndarray | None = None, max_iter: int =
     its centroid, so with ``k`` = number of distinct values every value ends up its own centroid
     (inertia 0): distinct values never share a cluster when no cluster is empty.
     """
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    x = _values("x", x)
     check_int("k", k, min_value=1)
-    if x.size == 0:
-        raise ValueError("kmeans_1d needs at least one value")
-    if not np.isfinite(x).all():
-        raise ValueError("kmeans_1d got NaN or inf values")
-    c = np.sort(np.asarray(linear_init(x, k) if init is None else init, dtype=np.float64).reshape(-1))
+    check_int("max_iter", max_iter, min_value=1)
+    distinct = np.unique(x).size
+    if k > distinct:
+        raise ValueError(f"k={k} is more clusters than x has distinct values ({distinct}); accepted: 1 <= k <= {distinct}")
+    c = np.sort(linear_init(x, k) if init is None else _values("init", init))
     if c.size != k:
         raise ValueError(f"init has {c.size} centroids, expected k={k}")
     labels = None
@@ -130,12 +150,40 @@ def kmeans_1d(x: Any, k: int, *, init: np.ndarray | None = None, max_iter: int =
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _CodebookLookup(torch.autograd.Function):
+    """``codebook[indices]`` whose backward sums each cluster's gradients in a fixed (serial) order.
+
+    The autograd of plain indexing accumulates with parallel atomic adds on the CPU once a layer has
+    32768 weights or more and torch runs 2+ threads, so the codebook gradient, and every fine-tuned
+    codebook after it, changes in the last bits from run to run. ``torch.bincount`` sums serially in
+    index order: the same inputs give the same bits at any thread count.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices)
+        ctx.k = codebook.numel()
+        return codebook[indices]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (indices,) = ctx.saved_tensors
+        flat = grad.contiguous().reshape(-1)
+        summed = torch.bincount(indices.reshape(-1), weights=flat, minlength=ctx.k)
+        return summed.to(grad.dtype), None
+
+
+def codebook_lookup(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices]`` with a deterministic codebook gradient (the sum of each cluster's gradients)."""
+    return _CodebookLookup.apply(codebook, indices)
+
+
 class _Shared:
     """Mixin: ``weight`` is computed from a fine-tunable ``codebook`` and an int ``indices`` buffer.
 
     With ``zero_code`` the codebook's entry 0 is the pruned zero: it is forced to 0 in the forward pass,
     so it never moves, and every other entry gets the sum of the gradients of the weights in its
-    cluster (autograd of the gather).
+    cluster (:func:`codebook_lookup`, summed in a fixed order so fine-tuning is bit-reproducible).
     """
 
     codebook: nn.Parameter
@@ -148,7 +196,7 @@ class _Shared:
         cb = self.codebook
         if self.zero_code:
             cb = torch.cat([cb.new_zeros(1), cb[1:]])
-        return cb[self.indices]
+        return codebook_lookup(cb, self.indices)
 
     @property
     def weight_bits(self) -> int:
@@ -185,6 +233,7 @@ def _fresh_like(layer: nn.Module) -> nn.Module:
 
 def make_shared(layer: nn.Module, codebook: torch.Tensor, indices: torch.Tensor, bits: int, zero_code: bool) -> nn.Module:
     """A SharedConv2d/SharedLinear copy of ``layer`` (same config and bias) with the given codebook."""
+    _check_codebook(codebook, indices, bits, zero_code)
     new = _fresh_like(layer)
     del new._parameters["weight"]
     new.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
@@ -196,6 +245,25 @@ def make_shared(layer: nn.Module, codebook: torch.Tensor, indices: torch.Tensor,
     return new
 
 
+def _check_codebook(codebook: Any, indices: Any, bits: Any, zero_code: Any) -> None:
+    """TypeError/ValueError unless codebook is a finite 1-D float tensor of <= 2**bits entries and every index
+    points into it."""
+    check_int("bits", bits, min_value=1, max_value=MAX_BITS)
+    check_type("zero_code", zero_code, bool, "True or False")
+    check_tensor("codebook", codebook, ndim=1, shape="(k,)")
+    if not codebook.is_floating_point():
+        raise TypeError(f"codebook must be a float tensor, got {codebook.dtype}")
+    check_finite("codebook", codebook)
+    if not 1 <= codebook.numel() <= 1 << bits:
+        raise ValueError(f"codebook has {codebook.numel()} entries; bits={bits} allows 1..{1 << bits}")
+    check_tensor("indices", indices)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook.numel()):
+        raise ValueError(f"indices must lie in 0..{codebook.numel() - 1} (the codebook's entries), "
+                         f"got {int(indices.min())}..{int(indices.max())}")
+
+
 def share_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(codebook, indices, zero_code) of one weight: k-means over its non-zero values.
 
@@ -203,6 +271,10 @@ def share_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     without zeros all ``2**bits`` codes are clusters. Never more clusters than distinct values.
     """
     check_int("bits", bits, min_value=1, max_value=MAX_BITS)
+    check_tensor("weight", weight)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a float tensor, got {weight.dtype}")
+    check_finite("weight", weight)
     w = weight.detach().cpu().to(torch.float64).reshape(-1).numpy()
     nz = np.flatnonzero(w)
     zero_code = nz.size < w.size
@@ -221,17 +293,22 @@ def share_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
 
 def shareable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Conv2d and Linear layers of ``model`` by name (already shared layers excluded)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, _Shared)}
+    return {n: m for n, m in check_model(model).named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, _Shared)}
 
 
 def _resolve_bits(model: nn.Module, bits: int | Mapping[str, int]) -> dict[str, int]:
     layers = shareable_layers(model)
+    if not layers:
+        raise ValueError("model has no Conv2d or Linear layer left to share (already shared ones are skipped)")
     if isinstance(bits, Mapping):
         unknown = [n for n in bits if n not in layers]
         if unknown:
             raise ValueError(f"bits names layers that are not shareable Conv2d/Linear layers: {unknown}; "
                              f"shareable: {list(layers)}")
-        return {n: check_int(f"bits[{n!r}]", b, min_value=1, max_value=MAX_BITS) for n, b in bits.items() if b is not None}
+        chosen = {n: check_int(f"bits[{n!r}]", b, min_value=1, max_value=MAX_BITS) for n, b in bits.items() if b is not None}
+        if not chosen:
+            raise ValueError(f"bits={dict(bits)!r} shares no layer; name at least one of {list(layers)}")
+        return chosen
     check_int("bits", bits, min_value=1, max_value=MAX_BITS)
     return {n: bits for n in layers}
 
@@ -265,6 +342,7 @@ def kmeans_share(
     """
     check_model(model)
     check_ctx(ctx, optional=True)
+    check_type("finetune", finetune, bool, "True or False")
     if finetune and ctx is None:
         raise ValueError("finetune=True needs a Context (ctx); pass finetune=False to share without training")
     result = copy.deepcopy(model)
@@ -291,6 +369,7 @@ def kmeans_share(
 
 def sparse_storage(model: nn.Module, ctx: Context | None = None) -> nn.Module:
     """A copy of a pruned ``model`` that is stored in the "sparse" format (relative-index CSR)."""
+    check_ctx(ctx, optional=True)
     result = copy.deepcopy(check_model(model))
     mark(result, "sparse_storage", "sparse_format")
     result.storage_format = "sparse"
@@ -299,6 +378,7 @@ def sparse_storage(model: nn.Module, ctx: Context | None = None) -> nn.Module:
 
 def huffman_coding(model: nn.Module, ctx: Context | None = None) -> nn.Module:
     """A copy of ``model`` stored in the "deep_compression" format (shared codes and gaps Huffman coded)."""
+    check_ctx(ctx, optional=True)
     if not _shared_prefixes(check_model(model)):
         raise ValueError("huffman_coding codes the indices of shared layers: run kmeans_share first")
     result = copy.deepcopy(model)
@@ -330,7 +410,7 @@ def _encode_generic(t: torch.Tensor) -> tuple[dict[str, Any], list[bytes]]:
 
 
 def _decode_generic(entry: dict[str, Any], streams: list[bytes]) -> torch.Tensor:
-    dtype, shape = getattr(torch, entry["d"]), tuple(entry["s"])
+    dtype, shape = tensor_dtype(entry["d"]), tuple(entry["s"])
     if entry["e"] == "raw":
         raw = bytearray(streams[0])
         t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
@@ -437,6 +517,8 @@ def _decode_shared(entry: dict[str, Any], streams: list[bytes]) -> tuple[torch.T
             decoded.append(unpack_bits(rest[0], width, m))
             rest = rest[1:]
     gaps, codes = (decoded[0], decoded[1]) if entry["z"] else (None, decoded[0])
+    if codes.size and int(codes.max()) >= codebook.numel():
+        raise ValueError(f"layer {entry['n']!r} has code {int(codes.max())} but a codebook of {codebook.numel()} entries")
     numel = math.prod(shape)
     idx = np.zeros(numel, dtype=np.int64)
     if gaps is None:
@@ -447,6 +529,8 @@ def _decode_shared(entry: dict[str, Any], streams: list[bytes]) -> tuple[torch.T
 
 
 def _write(model: nn.Module, path: Path, fmt: str) -> None:
+    check_model(model)
+    path = as_path(path)
     shared = _shared_prefixes(model) if fmt != "sparse" else {}
     owned = {f"{p}.codebook": p for p in shared}
     skip = {f"{p}.indices" for p in shared}
@@ -488,45 +572,57 @@ def write_deep_compression(model: nn.Module, path: Path) -> None:
     _write(model, path, "deep_compression")
 
 
+STORED_FORMATS = "sparse/shared/deep_compression file"
+
+
 def read_stored(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Read a sparse/shared/deep_compression file: (format, {state_dict name: tensor}, {shared layer: info})."""
-    data = Path(path).read_bytes()
-    fmt = next((f for f, m in MAGICS.items() if data[:8] == m), None)
-    if fmt is None:
-        raise ValueError(f"{path} is not a survey_lib sparse/shared/deep_compression file (bad magic)")
-    (hlen,) = struct.unpack_from("<I", data, 8)
-    header = json.loads(zlib.decompress(data[12:12 + hlen]).decode())
-    off = 12 + hlen
-    tensors: dict[str, torch.Tensor] = {}
-    shared: dict[str, dict[str, Any]] = {}
-    for e in header["t"]:
-        streams = []
-        for n in e["l"]:
-            streams.append(data[off:off + n])
-            off += n
-        if e["e"] in ("cb", "cbh"):
-            codebook, indices = _decode_shared(e, streams)
-            tensors[f"{e['n']}.codebook"] = codebook
-            tensors[f"{e['n']}.indices"] = indices
-            shared[e["n"]] = {"bits": e["bits"], "zero_code": e["z"]}
-        else:
-            tensors[e["n"]] = _decode_generic(e, streams)
-    if off != len(data):
-        raise ValueError(f"{path}: {len(data) - off} trailing bytes; file is corrupt")
+    path, data = read_file(path)
+    with reading(path, STORED_FORMATS):
+        fmt = next((f for f, m in MAGICS.items() if data[:8] == m), None)
+        if fmt is None:
+            what = f"bad magic {data[:8]!r}; expected one of {list(MAGICS.values())}" if data else "the file is empty"
+            raise not_valid(path, STORED_FORMATS, what)
+        (hlen,) = struct.unpack_from("<I", data, 8)
+        header = json.loads(zlib.decompress(take(data, 12, hlen, path, STORED_FORMATS, "header")).decode())
+        off = 12 + hlen
+        tensors: dict[str, torch.Tensor] = {}
+        shared: dict[str, dict[str, Any]] = {}
+        for e in header["t"]:
+            streams = []
+            for n in e["l"]:
+                streams.append(take(data, off, n, path, STORED_FORMATS, f"tensor {e['n']!r}"))
+                off += n
+            if e["e"] in ("cb", "cbh"):
+                codebook, indices = _decode_shared(e, streams)
+                tensors[f"{e['n']}.codebook"] = codebook
+                tensors[f"{e['n']}.indices"] = indices
+                shared[e["n"]] = {"bits": e["bits"], "zero_code": e["z"]}
+            else:
+                tensors[e["n"]] = _decode_generic(e, streams)
+        if off != len(data):
+            raise not_valid(path, STORED_FORMATS, f"{len(data) - off} trailing bytes after the last tensor")
     return fmt, tensors, shared
 
 
 def load_stored(path: str | os.PathLike, template: nn.Module) -> nn.Module:
-    """A copy of ``template`` holding the tensors of the file at ``path`` (shared layers rebuilt)."""
+    """A copy of ``template`` holding the tensors of the file at ``path`` (shared layers rebuilt).
+
+    ValueError naming the file when it is not a valid file, or when its tensors do not fit ``template``."""
+    check_model(template)
     fmt, tensors, shared = read_stored(path)
     model = copy.deepcopy(template)
-    for name, info in shared.items():
-        layer = model.get_submodule(name)
-        new = make_shared(layer, tensors[f"{name}.codebook"], tensors[f"{name}.indices"], info["bits"], info["zero_code"])
-        new.train(layer.training)
-        replace_module(model, name, new)
-    with torch.no_grad():
-        model.load_state_dict(tensors, strict=True)
+    try:
+        for name, info in shared.items():
+            layer = model.get_submodule(name)
+            new = make_shared(layer, tensors[f"{name}.codebook"], tensors[f"{name}.indices"], info["bits"], info["zero_code"])
+            new.train(layer.training)
+            replace_module(model, name, new)
+        with torch.no_grad():
+            model.load_state_dict(tensors, strict=True)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: the stored tensors do not fit template ({type(template).__name__}): {first}") from err
     model.storage_format = fmt
     return model
 
@@ -550,6 +646,11 @@ def deep_compression_stages(model_pruned: nn.Module, model_shared: nn.Module, ct
     ("sparse") -> shared ("shared", ``model_shared``) -> Huffman ("deep_compression"). With ``ctx`` a
     column holds the test metric of the model at each stage.
     """
+    check_type("model_pruned", model_pruned, nn.Module, "a torch.nn.Module")
+    check_type("model_shared", model_shared, nn.Module, "a torch.nn.Module (from kmeans_share)")
+    check_ctx(ctx, optional=True)
+    if not _shared_prefixes(model_shared):
+        raise ValueError("model_shared has no shared layer: pass the result of kmeans_share")
     rows = []
     dense_bytes = None
     with tempfile.TemporaryDirectory(prefix="survey_lib_dc_") as d:
@@ -577,6 +678,7 @@ __all__ = [
     "kmeans_1d",
     "SharedConv2d",
     "SharedLinear",
+    "codebook_lookup",
     "make_shared",
     "share_weight",
     "shareable_layers",

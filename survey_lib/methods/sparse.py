@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_fraction, check_int, check_model
+from .._validate import check_fraction, check_int, check_model, check_seed, check_tensor, check_type
 from ..cost.latency import MIN_RUNS, compare_latency
-from .base import Context, mark, replace_module
+from .base import Context, check_ctx, mark, replace_module
 
 # ----------------------------------------------------------------------------------------------------------
 # Sparse layers
@@ -100,6 +100,10 @@ class SparseLinear(_SparseBase):
         self._init_csr(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x of shape {tuple(x.shape)} does not fit SparseLinear: its last dim must be "
+                             f"in_features={self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = (self.csr() @ x2.t()).t()
@@ -127,6 +131,10 @@ class SparseConv2d(_SparseBase):
         self._init_csr(conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, ndim=(3, 4), shape="(N, C, H, W) or (C, H, W)")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"x of shape {tuple(x.shape)} does not fit SparseConv2d: it has {x.shape[-3]} channels, "
+                             f"the conv expects in_channels={self.in_channels}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -148,6 +156,7 @@ class SparseConv2d(_SparseBase):
 
 def unsupported_conv(conv: nn.Conv2d) -> str | None:
     """Why ``conv`` cannot become a SparseConv2d (None if it can)."""
+    check_type("conv", conv, nn.Conv2d, "an nn.Conv2d")
     if conv.groups != 1:
         return f"groups={conv.groups} (only groups=1)"
     if isinstance(conv.padding, str):
@@ -179,6 +188,7 @@ def sparsify(model: nn.Module, ctx: Context | None = None, *, min_sparsity: floa
     Inference only: the sparse layers have no weight gradients.
     """
     check_model(model)
+    check_ctx(ctx, optional=True)
     check_sparsity(min_sparsity, "min_sparsity", allow_zero=True)
     result = copy.deepcopy(model)
     converted, skipped = [], {}
@@ -213,7 +223,9 @@ SWEEP_COLUMNS = ("layer", "batch", "threads", "sparsity", "nnz", "dense_median_m
 
 def random_pruned(layer: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
     """A copy of ``layer`` with a random ``sparsity`` fraction of its weights set to zero (unstructured)."""
+    check_type("layer", layer, (nn.Linear, nn.Conv2d), "an nn.Linear or nn.Conv2d")
     check_sparsity(sparsity)
+    check_seed(seed)
     new = copy.deepcopy(layer)
     w = new.weight.detach()
     g = torch.Generator().manual_seed(seed)
@@ -224,17 +236,28 @@ def random_pruned(layer: nn.Module, sparsity: float, seed: int = 0) -> nn.Module
     return new
 
 
-def make_layer(shape: dict[str, Any] | nn.Module, seed: int = 0) -> tuple[nn.Module, Tensor, str]:
-    """(layer, example input of batch 1, label) from ``{"linear": (in, out)}``,
-    ``{"conv": (c_in, c_out, k, hw)}`` or a Linear/Conv2d layer (a conv then needs ``hw`` in a tuple)."""
+LAYER_SHAPES = {"linear": ("in", "out"), "conv": ("c_in", "c_out", "k", "hw")}
+
+
+def make_layer(shape: dict[str, Any], seed: int = 0) -> tuple[nn.Module, Tensor, str]:
+    """(layer, example input of batch 1, label) from ``{"linear": (in, out)}`` or ``{"conv": (c_in, c_out, k, hw)}``
+    (a k x k conv with "same" padding on an hw x hw input); positive ints only."""
+    accepted = "{'linear': (in, out)} or {'conv': (c_in, c_out, k, hw)} with positive ints"
+    if not (isinstance(shape, dict) and len(shape) == 1 and next(iter(shape)) in LAYER_SHAPES):
+        raise ValueError(f"shape must be {accepted}, got {shape!r}")
+    kind, dims = next(iter(shape.items()))
+    names = LAYER_SHAPES[kind]
+    if not isinstance(dims, (tuple, list)) or len(dims) != len(names):
+        raise ValueError(f"shape must be {accepted}, got {shape!r}")
+    for name, d in zip(names, dims):
+        check_int(f"shape[{kind!r}] {name}", d, min_value=1)
+    check_seed(seed)
     torch.manual_seed(seed)
-    if isinstance(shape, dict) and "linear" in shape:
-        i, o = shape["linear"]
+    if kind == "linear":
+        i, o = dims
         return nn.Linear(i, o), torch.randn(1, i), f"linear {i}x{o}"
-    if isinstance(shape, dict) and "conv" in shape:
-        ci, co, k, hw = shape["conv"]
-        return nn.Conv2d(ci, co, k, padding=k // 2), torch.randn(1, ci, hw, hw), f"conv {ci}->{co} {k}x{k} @{hw}x{hw}"
-    raise ValueError(f"shape must be {{'linear': (in, out)}} or {{'conv': (c_in, c_out, k, hw)}}, got {shape!r}")
+    ci, co, k, hw = dims
+    return nn.Conv2d(ci, co, k, padding=k // 2), torch.randn(1, ci, hw, hw), f"conv {ci}->{co} {k}x{k} @{hw}x{hw}"
 
 
 def sparsity_latency_sweep(
@@ -251,6 +274,9 @@ def sparsity_latency_sweep(
     One row per (batch, sparsity): median and IQR of each (ms, interleaved in one process), and
     ``speedup`` = dense median / sparse median (> 1: sparse is faster).
     """
+    for param, values in (("sparsities", sparsities), ("batch", batch)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ValueError(f"{param} must be a non-empty list or tuple, got {values!r}")
     for s in sparsities:
         check_sparsity(s)
     for b in batch:
@@ -287,6 +313,8 @@ def crossover_sparsity(df: pd.DataFrame) -> float | None:
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     if df.empty:
         raise ValueError("df is empty")
+    if "sparsity" not in df:
+        raise ValueError(f"df needs a 'sparsity' column (a sparsity_latency_sweep table), got columns {list(df.columns)}")
     for col in GROUP_COLUMNS:
         if col in df and df[col].nunique() > 1:
             raise ValueError(f"df mixes several {col!r} values; pass one configuration (or use crossover_table)")
@@ -297,6 +325,8 @@ def crossover_sparsity(df: pd.DataFrame) -> float | None:
     else:
         raise ValueError("df needs a 'speedup' column or 'dense_median_ms' and 'sparse_median_ms'")
     s = df["sparsity"].to_numpy(dtype=float)
+    if not (np.isfinite(s).all() and np.isfinite(speed).all() and (speed > 0).all()):
+        raise ValueError("df holds NaN, inf or non-positive sparsity/speedup values: a failed measurement?")
     order = np.argsort(s, kind="stable")
     s, speed = s[order], speed[order]
     wins = speed > 1.0
@@ -312,7 +342,13 @@ def crossover_sparsity(df: pd.DataFrame) -> float | None:
 
 def crossover_table(df: pd.DataFrame) -> pd.DataFrame:
     """:func:`crossover_sparsity` per (layer, batch, threads) configuration of a sweep."""
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    if df.empty:
+        raise ValueError("df is empty")
     keys = [c for c in GROUP_COLUMNS if c in df]
+    if not keys:
+        return pd.DataFrame([{"crossover_sparsity": crossover_sparsity(df), "kind": "measured"}])
     rows = []
     for key, group in df.groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)

@@ -40,9 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .._validate import check_float, check_fraction, check_int, check_model
+from .._validate import (
+    check_bool, check_finite, check_float, check_fraction, check_int, check_mapping, check_model, check_tensor, check_type,
+)
 from ..train import CosineLR, ExtraLoss
 from .base import Context, check_ctx, mark, replace_module
+from .pruning import check_finetune_ctx
 
 __all__ = [
     "Group", "channel_groups", "l1_importance", "bn_scale_importance", "prune_channels", "keep_plan",
@@ -290,6 +293,7 @@ def channel_groups(model: nn.Module, *, include_fixed: bool = False) -> list[Gro
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_bool("include_fixed", include_fixed)
     graph, modules = _walk(model)
     roots = [s for s in graph.spaces if graph.find(s.idx) == s.idx]
     groups = []
@@ -308,6 +312,7 @@ def channel_groups(model: nn.Module, *, include_fixed: bool = False) -> list[Gro
 # ----------------------------------------------------------------------------------------------------------
 def l1_importance(group: Group) -> Tensor:
     """Per channel, the sum over the producing layers of the L1 norm of that output filter (Li et al. 2017)."""
+    check_type("group", group, Group, "a Group from channel_groups")
     score = torch.zeros(group.size, dtype=torch.float64)
     for name in group.producers:
         w = group.modules[name].weight.detach()
@@ -317,6 +322,7 @@ def l1_importance(group: Group) -> Tensor:
 
 def bn_scale_importance(group: Group) -> Tensor:
     """Per channel, the mean |gamma| over the group's BatchNorms (Liu et al. 2017); ValueError without one."""
+    check_type("group", group, Group, "a Group from channel_groups")
     bns = group.batchnorms()
     if not bns:
         raise ValueError(f"group {group.id} (produced by {', '.join(group.producers) or 'nothing'}) has no "
@@ -401,7 +407,11 @@ def _rebuilt(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.
 
 
 def _check_keep(group: Group, kept: Any) -> Tensor:
-    idx = torch.as_tensor(kept).flatten()
+    try:
+        idx = torch.as_tensor(kept).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"kept indices of group {group.id} must be a sequence or tensor of ints, got "
+                        f"{type(kept).__name__}") from err
     if idx.numel() == 0:
         raise ValueError(f"group {group.id} ({', '.join(group.producers)}) must keep at least one channel")
     if idx.is_floating_point() or idx.dtype == torch.bool:
@@ -422,6 +432,8 @@ def prune_channels(model: nn.Module, plan: Mapping[int, Any]) -> nn.Module:
     Producers lose output filters, members (BatchNorm, depthwise conv, Unflatten) are sliced, consumers
     lose input channels. ``model`` is not changed. Group ids are those of :func:`channel_groups`.
     """
+    check_model(model)
+    check_mapping("plan", plan, "a {group id: kept channel indices} dict")
     result = copy.deepcopy(model)
     groups = {g.id: g for g in channel_groups(result, include_fixed=True)}
     out_idx: dict[str, Tensor] = {}
@@ -471,6 +483,23 @@ def _top(score: Tensor, keep: int) -> Tensor:
     return torch.sort(torch.argsort(score, descending=True, stable=True)[:keep]).values
 
 
+def _check_scored(groups: Any, scores: Any) -> list[Group]:
+    """The groups that ``scores`` scores; TypeError/ValueError unless each score has one finite value per channel."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"groups must be a sequence of Group (from channel_groups), got {type(groups).__name__}")
+    groups = [check_type("groups[i]", g, Group, "a Group from channel_groups") for g in groups]
+    check_mapping("scores", scores, "a {group id: per-channel score tensor} dict")
+    scored = [g for g in groups if g.id in scores]
+    if groups and not scored:
+        raise ValueError(f"scores names none of the groups {[g.id for g in groups]}: nothing to plan")
+    for g in scored:
+        score = check_tensor(f"scores[{g.id}]", scores[g.id], ndim=1, shape=f"({g.size},)")
+        if len(score) != g.size:
+            raise ValueError(f"scores[{g.id}] has {len(score)} values; group {g.id} has {g.size} channels")
+        check_finite(f"scores[{g.id}]", score)
+    return scored
+
+
 def keep_plan(groups: Sequence[Group], scores: Mapping[int, Tensor], ratio: float, *, min_channels: int = 4,
               global_threshold: bool = False, round_to: int = 1) -> dict[int, Tensor]:
     """Kept indices per group: drop the lowest-scoring ``ratio`` of channels, per group or globally.
@@ -486,7 +515,8 @@ def keep_plan(groups: Sequence[Group], scores: Mapping[int, Tensor], ratio: floa
     ratio = check_ratio(ratio)
     check_int("min_channels", min_channels, min_value=1)
     check_int("round_to", round_to, min_value=1)
-    groups = [g for g in groups if g.id in scores]
+    check_bool("global_threshold", global_threshold)
+    groups = _check_scored(groups, scores)
     plan: dict[int, Tensor] = {}
     if not global_threshold:
         for g in groups:
@@ -515,14 +545,21 @@ def keep_plan(groups: Sequence[Group], scores: Mapping[int, Tensor], ratio: floa
 
 
 def _eligible(model: nn.Module, prune_residual: bool, ignore: str | Iterable[str]) -> list[Group]:
+    """The prunable groups, less coupled ones (unless ``prune_residual``) and those produced under ``ignore``."""
     check_model(model)
-    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    check_bool("prune_residual", prune_residual)
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore) if isinstance(ignore, Iterable) else (ignore,)
+    if not all(isinstance(p, str) for p in ignore):
+        raise TypeError(f"ignore must be a module-name prefix or a sequence of them, got {ignore!r}")
     names = [n for n, _ in model.named_modules() if n]
     for pre in ignore:
         if not any(n == pre or n.startswith(pre + ".") for n in names):
             raise ValueError(f"ignore={pre!r} matches no module of the model; module names start with: "
                              f"{', '.join(sorted({n.split('.')[0] for n in names}))}")
     groups = channel_groups(model)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no prunable channel group: every channel reaches the output "
+                         "or comes from the network input")
     out = []
     for g in groups:
         if g.coupled and not prune_residual:
@@ -536,7 +573,7 @@ def _eligible(model: nn.Module, prune_residual: bool, ignore: str | Iterable[str
 def channel_counts(model: nn.Module) -> dict[str, int]:
     """Output channels (features) of every Conv2d and Linear, by module name, for before/after tables."""
     counts = {}
-    for name, m in model.named_modules():
+    for name, m in check_model(model).named_modules():
         if isinstance(m, nn.Conv2d):
             counts[name] = m.out_channels
         elif isinstance(m, nn.Linear):
@@ -548,6 +585,7 @@ def structured_plan_summary(model: nn.Module, plan: Mapping[int, Any]):
     """A pandas table: one row per prunable group with its producers, size, kept and removed channels."""
     import pandas as pd
 
+    check_mapping("plan", plan, "a {group id: kept channel indices} dict")
     rows = []
     for g in channel_groups(model):
         kept = len(torch.as_tensor(plan[g.id]).flatten()) if g.id in plan else g.size
@@ -563,10 +601,8 @@ def _params(model: nn.Module) -> int:
 def _finish(pruned: nn.Module, model: nn.Module, ctx: Context | None, finetune: bool, method: str,
             plan: dict[int, Tensor], groups: list[Group], **info: Any) -> nn.Module:
     epochs = 0
-    check_ctx(ctx, optional=True)
+    check_finetune_ctx(method, ctx, finetune)
     if finetune:
-        if ctx is None:
-            raise ValueError(f"{method}: finetune=True needs a Context (ctx); pass finetune=False to skip it")
         epochs = ctx.budget
         if epochs > 0:  # retrain with the learning rate annealed to 0 (cosine), as after any pruning step
             ctx.finetune(pruned, callbacks=[CosineLR()])
@@ -602,6 +638,7 @@ def l1_filter_prune(
     """
     ratio = check_ratio(ratio)
     check_int("min_channels", min_channels, min_value=1)
+    check_finetune_ctx("l1_filter_prune", ctx, finetune)
     groups = _eligible(model, prune_residual, ignore)
     plan = keep_plan(groups, {g.id: l1_importance(g) for g in groups}, ratio, min_channels=min_channels,
                      round_to=round_to)
@@ -632,8 +669,9 @@ def slimming_train(model: nn.Module, ctx: Context, *, strength: float = 1e-4, ep
     BatchNorm scales for ``epochs`` (default ``ctx.budget``, cosine-annealed learning rate), so that
     unimportant channels get |gamma| near 0.
     """
-    if not isinstance(ctx, Context):
-        raise TypeError(f"ctx must be a survey_lib.methods.Context, got {type(ctx).__name__}")
+    check_model(model)
+    check_ctx(ctx)
+    check_float("strength", strength, min_value=0.0)
     epochs = ctx.budget if epochs is None else check_int("epochs", epochs, min_value=0)
     trained = copy.deepcopy(model)
     if epochs > 0:
@@ -663,6 +701,7 @@ def slim_prune(
     """
     ratio = check_ratio(ratio)
     check_int("min_channels", min_channels, min_value=1)
+    check_finetune_ctx("slim_prune", ctx, finetune)
     groups = [g for g in _eligible(model, prune_residual, ignore) if g.batchnorms()]
     if not groups:
         raise ValueError("slim_prune needs BatchNorm layers after the prunable layers; this model has none "
