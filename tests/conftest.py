@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,3 +31,19 @@ def trained(ctx: Context) -> torch.nn.Module:
     model = tiny_cnn(ctx)
     ctx.finetune(model, epochs=4, lr=1e-2)
     return model.eval()
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """Writes a good file's bytes broken the usual ways (empty, random, truncated, wrong magic) plus another
+    format's valid file; returns {case: path}, each path named after its case with the given suffix."""
+
+    def write(good: bytes, other: bytes, suffix: str) -> dict:
+        variants = {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
+                    "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
+        paths = {case: tmp_path / f"{case.replace(' ', '_')}{suffix}" for case in variants}
+        for case, data in variants.items():
+            paths[case].write_bytes(data)
+        return paths
+
+    return write

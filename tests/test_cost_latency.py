@@ -104,24 +104,17 @@ def test_one_onnx_export_serves_every_batch_size():
 # ---------------------------------------------------------------- bad files and bad arguments
 
 
-def _bad_onnx_files(tmp_path) -> dict[str, object]:
+def _bad_onnx_files(tmp_path, bad_files) -> dict[str, object]:
     """A valid ONNX file broken the usual ways, plus a valid file of another format."""
     from survey_lib.cost import stored_bytes
 
     good = export_onnx(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), tmp_path / "good.onnx")
     stored_bytes(nn.Linear(2, 2), path=tmp_path / "other.dense")
-    data = good.read_bytes()
-    variants = {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": data[: len(data) // 2],
-                "wrong magic": b"NOTMAGIC" + data[8:], "another format": (tmp_path / "other.dense").read_bytes()}
-    paths = {}
-    for case, content in variants.items():
-        paths[case] = tmp_path / f"{case.replace(' ', '_')}.onnx"
-        paths[case].write_bytes(content)
-    return paths
+    return bad_files(good.read_bytes(), (tmp_path / "other.dense").read_bytes(), ".onnx")
 
 
-def test_ort_session_names_a_bad_onnx_file(tmp_path):
-    for case, path in _bad_onnx_files(tmp_path).items():
+def test_ort_session_names_a_bad_onnx_file(tmp_path, bad_files):
+    for case, path in _bad_onnx_files(tmp_path, bad_files).items():
         with pytest.raises(ValueError, match=f"{path.name}: not a valid ONNX file: "):
             ort_session(path)
     with pytest.raises(FileNotFoundError, match="missing.onnx"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,13 +80,7 @@ def test_format_registry_and_model_attribute(tmp_path):
 # ---------------------------------------------------------------- bad files and bad arguments
 
 
-def _bad_variants(good: bytes, other: bytes) -> dict[str, bytes]:
-    """A file's bytes broken the usual ways: empty, random, truncated, wrong magic, another format's valid file."""
-    return {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
-            "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
-
-
-def test_load_dense_names_the_file_and_what_is_wrong(tmp_path):
+def test_load_dense_names_the_file_and_what_is_wrong(tmp_path, bad_files):
     from survey_lib.methods.packing import write_packed
 
     stored_bytes(mlp(), path=tmp_path / "good.dense")
@@ -95,9 +88,7 @@ def test_load_dense_names_the_file_and_what_is_wrong(tmp_path):
     good, other = (tmp_path / "good.dense").read_bytes(), (tmp_path / "other.packed").read_bytes()
     expected = {"empty": "the file is empty", "random": "bad magic", "truncated": "truncated",
                 "wrong magic": "bad magic", "another format": "bad magic: expected b'SLDENSE1', got b'SLPACK01'"}
-    for case, data in _bad_variants(good, other).items():
-        path = tmp_path / f"{case.replace(' ', '_')}.dense"
-        path.write_bytes(data)
+    for case, path in bad_files(good, other, ".dense").items():
         with pytest.raises(ValueError, match=f"{path.name}: not a valid dense file: {expected[case]}"):
             load_dense(path)
     with pytest.raises(FileNotFoundError, match="missing.dense"):

@@ -269,22 +269,12 @@ def test_bad_keep_fp32_writes_nothing(ctx, trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad files and input
-def _bad_onnx_files(tmp_path, good) -> dict[str, object]:
-    """``good`` (a valid ONNX file) broken the usual ways, plus a valid file of another format."""
-    stored_bytes(torch.nn.Linear(2, 2), path=tmp_path / "other.dense")
-    data = good.read_bytes()
-    variants = {"empty": b"", "random": bytes(range(256)) * 2, "truncated": data[: len(data) // 2],
-                "wrong magic": b"NOTMAGIC" + data[8:], "another format": (tmp_path / "other.dense").read_bytes()}
-    paths = {}
-    for case, content in variants.items():
-        paths[case] = tmp_path / f"{case.replace(' ', '_')}.onnx"
-        paths[case].write_bytes(content)
-    return paths
 
 
-def test_onnx_model_names_a_bad_file_when_built(tmp_path, quantized):
+def test_onnx_model_names_a_bad_file_when_built(tmp_path, quantized, bad_files):
     q, _ = quantized
-    for case, path in _bad_onnx_files(tmp_path, q.onnx_path).items():
+    stored_bytes(torch.nn.Linear(2, 2), path=tmp_path / "other.dense")
+    for case, path in bad_files(q.onnx_path.read_bytes(), (tmp_path / "other.dense").read_bytes(), ".onnx").items():
         with pytest.raises(ValueError, match=f"{path.name}: not a valid ONNX file: "):
             D.OnnxModel(path)
         with pytest.raises(ValueError, match=f"{path.name}: not a valid ONNX file: "):

@@ -342,21 +342,13 @@ def test_packed_errors(tmp_path):
 # ---------------------------------------------------------------- bad files and bad arguments
 
 
-def _bad_variants(good: bytes, other: bytes) -> dict[str, bytes]:
-    """A file's bytes broken the usual ways: empty, random, truncated, wrong magic, another format's valid file."""
-    return {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
-            "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
-
-
-def test_read_packed_names_the_file_and_what_is_wrong(tmp_path):
+def test_read_packed_names_the_file_and_what_is_wrong(tmp_path, bad_files):
     write_packed(_model(), tmp_path / "good.packed")
     stored_bytes(nn.Linear(2, 2), "dense", path=tmp_path / "other.dense")
     good, other = (tmp_path / "good.packed").read_bytes(), (tmp_path / "other.dense").read_bytes()
     expected = {"empty": "the file is empty", "random": "bad magic", "truncated": "truncated",
                 "wrong magic": "bad magic", "another format": "bad magic: expected b'SLPACK01', got b'SLDENSE1'"}
-    for case, data in _bad_variants(good, other).items():
-        path = tmp_path / f"{case.replace(' ', '_')}.packed"
-        path.write_bytes(data)
+    for case, path in bad_files(good, other, ".packed").items():
         with pytest.raises(ValueError, match=f"{path.name}: not a valid packed file: {expected[case]}"):
             load_packed(path)
     with pytest.raises(FileNotFoundError, match="missing.packed"):

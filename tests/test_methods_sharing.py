@@ -322,23 +322,15 @@ def test_seed_everything_turns_on_deterministic_kernels_and_checks_its_arguments
 # ---------------------------------------------------------------- bad files and bad arguments
 
 
-def _bad_variants(good: bytes, other: bytes) -> dict[str, bytes]:
-    """A file's bytes broken the usual ways: empty, random, truncated, wrong magic, another format's valid file."""
-    return {"empty": b"", "random": np.random.default_rng(0).bytes(300), "truncated": good[: len(good) // 2],
-            "wrong magic": b"NOTMAGIC" + good[8:], "another format": other}
-
-
 @pytest.mark.parametrize("fmt", ["sparse", "shared", "deep_compression"])
-def test_read_stored_names_the_file_and_what_is_wrong(tmp_path, fmt):
+def test_read_stored_names_the_file_and_what_is_wrong(tmp_path, fmt, bad_files):
     pruned = _pruned(_net(), 0.85)
     stored_bytes(pruned if fmt == "sparse" else kmeans_share(pruned, bits=5, finetune=False), fmt=fmt, path=tmp_path / "good")
     stored_bytes(pruned, fmt="dense", path=tmp_path / "other.dense")
     good, other = (tmp_path / "good").read_bytes(), (tmp_path / "other.dense").read_bytes()
     expected = {"empty": "the file is empty", "random": "bad magic", "truncated": "truncated",
                 "wrong magic": "bad magic b'NOTMAGIC'", "another format": "bad magic b'SLDENSE1'"}
-    for case, data in _bad_variants(good, other).items():
-        path = tmp_path / f"{case.replace(' ', '_')}.{fmt}"
-        path.write_bytes(data)
+    for case, path in bad_files(good, other, f".{fmt}").items():
         with pytest.raises(ValueError, match=f"{path.name}: not a valid sparse/shared/deep_compression file: {expected[case]}"):
             load_stored(path, _net())
     with pytest.raises(FileNotFoundError, match="missing.shared"):
