@@ -72,9 +72,9 @@ class Difference:
 
     def describe(self, name_a: str = "a", name_b: str = "b", unit: str = "points") -> str:
         """One sentence: the difference with its interval, and whether it is measurable."""
-        scale = 100 if unit == "points" else 1
-        body = (f"{name_a} − {name_b} = {self.delta * scale:+.2f} {unit} "
-                f"({self.confidence:.0%} CI {self.low * scale:+.2f} to {self.high * scale:+.2f}; "
+        fmt = (lambda v: signed_points(v, 2)) if unit == "points" else (lambda v: f"{v + 0.0:+.2f}")
+        body = (f"{name_a} − {name_b} = {fmt(self.delta)} {unit} "
+                f"({self.confidence:.0%} CI {fmt(self.low)} to {fmt(self.high)}; "
                 f"{self.images:+.0f} of {self.n} test images)")
         if not self.measurable:
             return f"no measurable difference: {body}"
@@ -185,9 +185,21 @@ def correct_per_image(model: Any, task: Any, data: Any, *, batch_size: int = 256
     return np.concatenate(hits).astype(bool)
 
 
+def signed_points(fraction: float, digits: int = 1) -> str:
+    """``fraction`` as signed accuracy points (0.0123 -> '+1.2'), with more decimals (up to 6) where a nonzero
+    value would print as zero, and never '-0.0'."""
+    x = check_float("fraction", fraction) * 100
+    digits = check_int("digits", digits, min_value=0, max_value=6)
+    x = 0.0 if abs(x) < 1e-9 else x  # floating-point residue of a zero difference
+    while x != 0 and round(x, digits) == 0 and digits < 6:
+        digits += 1
+    return f"{round(x, digits) + 0.0:+.{digits}f}"
+
+
 def point_per_image(n: int) -> float:
     """Accuracy points one test image is worth on a test set of ``n`` images."""
     return 100.0 / check_int("n", n, min_value=1)
 
 
-__all__ = ["correct_per_image", "wilson_interval", "difference_interval", "Difference", "compare", "spread", "Spread", "point_per_image"]
+__all__ = ["correct_per_image", "wilson_interval", "difference_interval", "Difference", "compare", "spread", "Spread", "point_per_image",
+           "signed_points"]

@@ -82,3 +82,19 @@ def test_correct_per_image_agrees_with_accuracy():
     with pytest.raises(ValueError, match="classification"):
         reg = load("shapes", "regression", n=60)
         stats.correct_per_image(build_model("mlp", task_for(reg), in_channels=3, image_size=32), task_for(reg), reg.test)
+
+
+def test_signed_points_never_prints_a_nonzero_value_as_zero_or_a_minus_zero():
+    assert stats.signed_points(0.0123) == "+1.2"
+    assert stats.signed_points(-0.0) == "+0.0" and stats.signed_points(-1e-19) == "+0.0"
+    assert stats.signed_points(0.0003) == "+0.03"        # 0.03 points would print as +0.0 with one decimal
+    assert stats.signed_points(-0.00004, 2) == "-0.004"
+    with pytest.raises(ValueError, match="digits"):
+        stats.signed_points(0.1, digits=-1)
+    with pytest.raises(TypeError, match="fraction"):
+        stats.signed_points("0.1")
+
+
+def test_describe_gives_a_near_zero_bound_with_enough_digits():
+    d = stats.Difference(a=0.50, b=0.49, n=1000, low=0.00003, high=0.02, confidence=0.95, paired=True)
+    assert "CI +0.003 to +2.00" in d.describe("a", "b") and d.describe("a", "b").startswith("a is measurably higher")
