@@ -291,31 +291,32 @@ print(hashlib.sha256(path.read_bytes()).hexdigest())
 """
 
 
-def _share_in_two_processes(tmp_path) -> list[str]:
-    """sha256 of the file kmeans_share + stored_bytes writes, from two fresh Python processes."""
+@pytest.fixture(scope="module")
+def shared_in_two_processes(tmp_path_factory) -> tuple[list[str], list]:
+    """The file kmeans_share + stored_bytes writes in two fresh Python processes: (sha256 digests, paths)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    digests = []
-    for i in (1, 2):
-        script = _SHARE_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / f"{i}.shared"))
+    folder = tmp_path_factory.mktemp("two_processes")
+    digests, paths = [], [folder / f"{i}.shared" for i in (1, 2)]
+    for path in paths:
+        script = _SHARE_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path))
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         digests.append(out.stdout.strip().splitlines()[-1])
-    return digests
+    return digests, paths
 
 
 @pytest.mark.xfail(strict=False, reason="open: at 2 threads about 1 process in 20 fine-tunes to other last bits "
                    "(7 of ~140 measured; max weight difference 3e-7); not MKL's CNR mode (MKL_CBWR=AUTO kept it)")
-def test_kmeans_share_file_is_the_same_bits_in_two_processes(tmp_path):
-    digests = _share_in_two_processes(tmp_path)
+def test_kmeans_share_file_is_the_same_bits_in_two_processes(shared_in_two_processes):
+    digests, _ = shared_in_two_processes
     print(f"sha256 of the stored file in two processes: {digests}")
     assert digests[0] == digests[1] and len(digests[0]) == 64
 
 
-def test_kmeans_share_in_two_processes_agrees_to_1e_5(tmp_path):
-    _share_in_two_processes(tmp_path)
-    (_, a, _), (_, b, _) = (read_stored(tmp_path / f"{i}.shared") for i in (1, 2))
+def test_kmeans_share_in_two_processes_agrees_to_1e_5(shared_in_two_processes):
+    (_, a, _), (_, b, _) = (read_stored(path) for path in shared_in_two_processes[1])
     worst = max(float((torch.as_tensor(a[k]).double() - torch.as_tensor(b[k]).double()).abs().max()) for k in a)
     print(f"largest difference between the two processes' stored tensors: {worst:.2e} (<= 1e-5)")
     assert a.keys() == b.keys() and worst <= 1e-5
