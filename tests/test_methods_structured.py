@@ -74,14 +74,7 @@ def macs(model: nn.Module) -> int:
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs: one thread avoids OpenMP oversubscription on a shared 2-core host (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny convs: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
