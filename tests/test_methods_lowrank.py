@@ -488,3 +488,24 @@ def test_finetuning_goes_through_the_context(digits_ctx, monkeypatch):
     assert len(calls) == 1 and compression_info(tuned)["last"]["finetune_epochs"] == 1
     changed = [not torch.equal(p, q) for p, q in zip(plain.parameters(), tuned.parameters())]
     assert any(changed) and not tuned.training
+
+
+def test_finetune_factorized_returns_a_trained_copy(digits_ctx):
+    torch.manual_seed(0)
+    model = build_model("vgg", digits_ctx.task, in_channels=1, width=0.5, depth=1, image_size=8).eval()
+    plain = lr.decompose(model, digits_ctx, scheme="cp", target_mac_reduction=1.5, finetune=False)
+    before = copy.deepcopy(plain.state_dict())
+    tuned = lr.finetune_factorized(plain, digits_ctx)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())        # input untouched
+    assert compression_info(tuned)["last"]["finetune_epochs"] == 1 and compression_info(plain)["last"]["finetune_epochs"] == 0
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), tuned.parameters()))
+
+
+@pytest.mark.parametrize("scheme", ["svd", "tucker2", "cp", "spatial"])
+def test_rank_for_a_param_reduction(scheme):
+    conv = nn.Conv2d(32, 48, 3, padding=1)
+    rank = lr.rank_for(conv, scheme, 4.0)
+    params = sum(p.numel() for p in lr.decompose_layer(conv, scheme, rank).parameters())
+    assert params <= sum(p.numel() for p in conv.parameters()) / 4
+    bigger = (rank[0] + 5, rank[1] + 4) if scheme == "tucker2" else rank + 1
+    assert sum(p.numel() for p in lr.decompose_layer(conv, scheme, bigger).parameters()) > params

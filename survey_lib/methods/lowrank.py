@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -40,8 +40,8 @@ from .pruning import check_finetune_ctx
 
 __all__ = [
     "SCHEMES", "ALLOCATIONS", "Factorized", "LayerPlan", "candidate_layers", "max_rank", "decompose_layer", "reconstruct",
-    "relative_error", "cp_als", "spectrum", "energy_rank", "vbmf_rank", "plan_ranks", "plan_table",
-    "apply_plan", "decompose", "svd_decompose", "tucker2_decompose", "cp_decompose", "spatial_decompose",
+    "relative_error", "cp_als", "cp_svd_start", "unfoldings", "spectrum", "energy_rank", "vbmf_rank", "plan_ranks", "plan_table",
+    "apply_plan", "decompose", "finetune_factorized", "rank_for", "svd_decompose", "tucker2_decompose", "cp_decompose", "spatial_decompose",
     "factorized_layers",
 ]
 
@@ -232,8 +232,11 @@ def _mttkrp(tensor: Tensor, factors: list[Tensor], mode: int) -> Tensor:
     return torch.einsum(spec, tensor, *[factors[m] for m in others])
 
 
-def _svd_init(tensor: Tensor, rank: int, gen: torch.Generator) -> list[Tensor]:
-    """Leading left singular vectors of every unfolding (economy SVD), padded with random columns past its size."""
+def cp_svd_start(tensor: Tensor, rank: int, seed: int = 0) -> list[Tensor]:
+    """CP's SVD start: the leading left singular vectors of every unfolding (economy SVD), padded with seeded
+    random columns where ``rank`` exceeds the mode's size."""
+    gen = torch.Generator().manual_seed(check_int("seed", seed, min_value=0))
+    tensor = check_type("tensor", tensor, Tensor, "a torch.Tensor").detach().to(torch.float64)
     factors = []
     for mode in range(tensor.dim()):
         unfolded = tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
@@ -273,7 +276,7 @@ def cp_als(
     gen = torch.Generator().manual_seed(check_int("seed", seed, min_value=0))
     if isinstance(init, str):
         check_choice("init", init, ("svd", "random"))
-        factors = _svd_init(t, rank, gen) if init == "svd" else [
+        factors = cp_svd_start(t, rank, seed) if init == "svd" else [
             torch.randn(d, rank, generator=gen, dtype=torch.float64) / math.sqrt(d) for d in t.shape]
     else:
         factors = [f.detach().to(torch.float64).clone() for f in init]
@@ -512,7 +515,6 @@ def relative_error(layer: nn.Module, factorized: Factorized) -> float:
 # Rank selection
 # ----------------------------------------------------------------------------------------------------------
 def _unfoldings(layer: nn.Module, geom: _Geom, scheme: str) -> list[Tensor]:
-    """The matrices (one stack of g per factor rank) whose spectra set the ranks."""
     w = _weight64(layer, geom)
     kh, kw = geom.kernel
     if scheme == "svd":
@@ -524,15 +526,20 @@ def _unfoldings(layer: nn.Module, geom: _Geom, scheme: str) -> list[Tensor]:
     return [mode0, mode1]
 
 
+def unfoldings(layer: nn.Module, scheme: str = "svd", name: str = "layer") -> list[Tensor]:
+    """The matrices whose ranks ``scheme`` chooses, each a (groups, rows, columns) float64 stack (see :func:`spectrum`)."""
+    check_choice("scheme", scheme, SCHEMES)
+    geom = _geom(name, layer)
+    return _unfoldings(layer, geom, _layer_scheme(geom, scheme))
+
+
 def spectrum(layer: nn.Module, scheme: str = "svd", name: str = "layer") -> list[Tensor]:
     """Singular values (descending, one row per group) of the matrices whose ranks ``scheme`` chooses.
 
     SVD: the (out, in·kh·kw) matrix; spatial: the (in·kh, out·kw) matrix; Tucker-2 and CP: the mode-0
     (output channel) and mode-1 (input channel) unfoldings.
     """
-    check_choice("scheme", scheme, SCHEMES)
-    geom = _geom(name, layer)
-    return [torch.linalg.svdvals(m) for m in _unfoldings(layer, geom, _layer_scheme(geom, scheme))]
+    return [torch.linalg.svdvals(m) for m in unfoldings(layer, scheme, name)]
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
@@ -577,8 +584,6 @@ class LayerPlan:
     decompose: bool
     energy: float | None = None
     note: str = ""
-    geom: _Geom | None = field(default=None, repr=False)
-    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, repr=False)
 
 
 def _io_shapes(model: nn.Module, layers: dict[str, nn.Module], x: Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -641,7 +646,7 @@ def _plan_layer(name: str, layer: nn.Module, scheme: str, rank: Any, shapes: Any
     note = "" if cheaper else "its factors would cost more MACs than the layer"
     return LayerPlan(name, geom.kind, sch, rank, _max_rank(geom, sch), before[0], after[0] if (forced or cheaper) else before[0],
                      before[1], after[1] if (forced or cheaper) else before[1], forced or cheaper, energy,
-                     note if not forced else "", geom, shapes)
+                     note if not forced else "")
 
 
 def _selected(model: nn.Module, layers: Any, exclude: Any) -> dict[str, nn.Module]:
@@ -705,6 +710,16 @@ def _uniform_rank(geom: _Geom, scheme: str, shapes: Any, factor: float, what: st
         else:
             hi = mid - 1
     return at(lo)
+
+
+def rank_for(layer: nn.Module, scheme: str, param_reduction: float, name: str = "layer") -> int | tuple[int, int]:
+    """The largest rank whose factors hold at most 1/``param_reduction`` of ``layer``'s parameters (rank 1 if none)."""
+    check_choice("scheme", scheme, SCHEMES)
+    check_float("param_reduction", param_reduction, min_value=1.0)
+    geom = _geom(name, layer)
+    sch = _layer_scheme(geom, scheme)
+    shapes = ((1, geom.inp, 1, 1), (1, geom.out, 1, 1))      # params do not depend on the feature-map size
+    return _uniform_rank(geom, sch, shapes, param_reduction, "params")
 
 
 def _allocation_plans(model_layers: dict[str, nn.Module], scheme: str, shapes: dict, allocation: str, what: str,
@@ -878,18 +893,31 @@ def decompose(
         raise ValueError(f"no layer gets cheaper with scheme={scheme!r} at these ranks; choose lower ranks")
     out = apply_plan(model, plans, cp_restarts=cp_restarts, seed=seed)
     errors = {p.name: relative_error(model.get_submodule(p.name), out.get_submodule(p.name)) for p in plans if p.decompose}
-    epochs = 0
-    if finetune and ctx.budget > 0:
-        epochs = ctx.budget
-        ctx.finetune(out, callbacks=[CosineLR()])
     out.eval()
     macs = _totals(plans, "macs")
     params = _totals(plans, "params")
-    return mark(out, f"{scheme}_decompose", "dense_shapes", scheme=scheme,
-                selection=_selector(rank, energy, vbmf, target_mac_reduction, target_param_reduction),
-                ranks={p.name: p.rank for p in plans if p.decompose}, reconstruction_errors=errors,
-                layer_macs_before=macs[0], layer_macs_after=macs[1], layer_params_before=params[0],
-                layer_params_after=params[1], finetune_epochs=epochs)
+    mark(out, f"{scheme}_decompose", "dense_shapes", scheme=scheme,
+         selection=_selector(rank, energy, vbmf, target_mac_reduction, target_param_reduction),
+         ranks={p.name: p.rank for p in plans if p.decompose}, reconstruction_errors=errors,
+         layer_macs_before=macs[0], layer_macs_after=macs[1], layer_params_before=params[0],
+         layer_params_after=params[1], finetune_epochs=0)
+    return finetune_factorized(out, ctx, copy_model=False) if finetune else out
+
+
+def finetune_factorized(model: nn.Module, ctx: Context, *, copy_model: bool = True) -> nn.Module:
+    """Fine-tune a factorized model for ``ctx.budget`` epochs (cosine-annealed learning rate, the factors
+    trained as ordinary layers); returns a copy unless ``copy_model=False``, with its mark's epochs updated."""
+    check_model(model)
+    check_finetune_ctx("finetune_factorized", ctx, True)
+    out = copy.deepcopy(model) if copy_model else model
+    if ctx.budget > 0:
+        ctx.finetune(out, callbacks=[CosineLR()])
+    out.eval()
+    if getattr(out, "compression", None) is not None:
+        record = dict(out.compression, finetune_epochs=out.compression.get("finetune_epochs", 0) + ctx.budget)
+        out.compression = record
+        out.compression_history = list(out.compression_history[:-1]) + [record]
+    return out
 
 
 def svd_decompose(model: nn.Module, ctx: Context | None, **config: Any) -> nn.Module:
