@@ -154,8 +154,9 @@ def candidate_layers(model: nn.Module, exclude: str | Iterable[str] = ()) -> dic
     "last" (the last one: the task's output layer) and module names (a name excludes its children too).
     """
     exclude = _check_exclude(exclude)
+    inside_factors = tuple(f + "." for f in factorized_layers(model))       # found once, not once per module
     layers = [(n, m) for n, m in check_model(model).named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(n.startswith(f + ".") for f in factorized_layers(model))]
+              if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith(inside_factors)]
     names = [n for n, _ in layers]
     for e in exclude:
         if e not in ("first", "last") and not any(n == e or n.startswith(e + ".") for n in names):
