@@ -267,6 +267,32 @@ def test_bad_input_errors():
         count("not a model", torch.randn(1, 3))
 
 
+# --------------------------------------------------------------------------- FFT convention
+
+
+class Spectral(nn.Module):
+    """A complex FFT, a 2-D real FFT pair, a complex product and a real product (not counted)."""
+
+    def forward(self, x):                                   # x: (2, 3, 8, 6)
+        z = torch.fft.fft(x.to(torch.complex64), dim=-2)    # c2c, length 8, over 2*3*8*6 values
+        spec = torch.fft.rfft2(x)                           # r2c over dims (8, 6), (2, 3, 8, 4) complex
+        y = torch.fft.irfft2(spec * spec, s=(8, 6))         # complex product, then c2r back to (2, 3, 8, 6)
+        return y * 2.0 + z.real * x
+
+
+def test_fft_and_complex_product_macs_follow_the_documented_convention():
+    x = torch.randn(2, 3, 8, 6)
+    ops = [(o.op, o.macs) for o in trace(Spectral(), x).ops if o.macs]
+    n = 2 * 3 * 8 * 6
+    assert ops == [
+        ("aten._fft_c2c.default", 2 * n * 3),                 # 2·N·⌈log2 8⌉
+        ("aten._fft_r2c.default", n * (3 + 3)),               # N·(⌈log2 8⌉ + ⌈log2 6⌉)
+        ("aten.mul.Tensor", 4 * 2 * 3 * 8 * 4),               # 4 real MACs per complex product
+        ("aten._fft_c2r.default", n * (3 + 3)),
+    ]                                                          # the two real products count nothing
+    assert int(count(Spectral(), x)["macs"].sum()) == sum(m for _, m in ops)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))

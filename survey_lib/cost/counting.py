@@ -6,6 +6,16 @@ trace into a per-layer table: params, nonzero_params, MACs, ideal sparse MACs, b
 
 MACs here are per inference *at the batch of example_input*.  DESIGN.md defines MACs at batch 1;
 ``survey_lib.cost.profile`` therefore traces ``example_input[:1]``.  FLOPs = 2 x MACs.
+
+FFTs (structured layers such as ``methods.compact.CirculantLinear``) are counted by a convention, in real
+MACs. A complex FFT of length n is taken as a radix-2 FFT: (n/2)·⌈log2 n⌉ butterflies, each one complex
+multiply = 4 real multiplies, whose accumulates are the butterfly's additions, so 2·n·⌈log2 n⌉ real MACs
+(``_fft_c2c``). A real transform (``_fft_r2c``, ``_fft_c2r``) packs its n real values into an n/2-point
+complex FFT and counts half: n·⌈log2 n⌉. Over several dims each dim counts in turn (row-column): N·Σ_d
+⌈log2 n_d⌉ for a real transform of N real values (twice that for a complex one), where N includes the batch
+and the dims not transformed. Lengths that are not powers of two get the radix-2 count rounded up. The
+elementwise product of two complex tensors (the spectral product of an FFT convolution) counts 4 real MACs
+per output element; every other elementwise op, real multiplies included (BatchNorm, scaling), counts none.
 """
 
 from __future__ import annotations
@@ -169,8 +179,24 @@ def op_macs(op: str, args: tuple, out: Any) -> tuple[int, tuple[torch.Tensor, to
         raise TypeError(f"args do not hold the tensor operands of {op} ({err})") from err
 
 
+def _fft_macs(name: str, x: torch.Tensor, dims: Any, out: torch.Tensor) -> int:
+    # The real (full) side of the transform: the input of r2c and c2c, the output of c2r (module docstring).
+    full = out if name == "_fft_c2r" else x
+    per_value = 2 if name == "_fft_c2c" else 1
+    log_lengths = sum(math.ceil(math.log2(full.shape[d])) for d in dims if full.shape[d] > 1)
+    return per_value * full.numel() * log_lengths
+
+
+FFT_OPS = ("_fft_r2c", "_fft_c2r", "_fft_c2c")
+COMPLEX_MUL_MACS = 4  # real MACs of one complex multiply
+
+
 def _op_macs(op: str, args: tuple, out: Any) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
     name = op.split(".")[1] if op.startswith("aten.") else ""
+    if name in FFT_OPS:  # the constants (twiddles) are not tensors: the output stands for both operands
+        return _fft_macs(name, args[0], args[1], out), (out, out)
+    if name in ("mul", "mul_") and all(isinstance(a, torch.Tensor) and a.is_complex() for a in args[:2]):
+        return COMPLEX_MUL_MACS * out.numel(), (args[0], args[1])
     if name in ("convolution", "_convolution"):
         x, w = args[0], args[1]
         o = out[0] if isinstance(out, (tuple, list)) else out
