@@ -229,7 +229,9 @@ def test_replace_blocks_trains_a_marked_copy_through_the_context(ctx):
     before = copy.deepcopy(model.state_dict())
     with mock.patch.object(Context, "finetune", autospec=True, side_effect=Context.finetune) as finetune:
         out = cp.replace_blocks(model, ctx, "depthwise_separable", budget=2)
-    assert finetune.call_args_list == [mock.call(ctx, out, epochs=2)]
+    (call,) = finetune.call_args_list
+    assert call.args == (ctx, out) and call.kwargs["epochs"] == 2
+    assert [type(c).__name__ for c in call.kwargs["callbacks"]] == ["CosineLR"]          # the baselines' schedule
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())      # input untouched
     info = compression_info(out)["last"]
     assert info["method"] == "compact_depthwise_separable" and info["changes"] == ("architecture",)
@@ -386,7 +388,7 @@ def test_circulant_counts_far_fewer_macs_than_a_dense_linear(tmp_path):
     (lambda: cp.CirculantLinear(0), ValueError, "in_features=0 is out of range"),
     (lambda: cp.CirculantLinear(4)(torch.zeros(2, 5)), ValueError, "in_features=4"),
     (lambda: cp.equal_width_params(nn.Conv2d(3, 4, 3)), TypeError,
-     "layer must be a EquivariantConv2d, CReLUConv2d or CirculantLinear"),
+     "layer must be an EquivariantConv2d, CReLUConv2d or CirculantLinear"),
     (lambda: cp.swap_blocks(nn.Linear(3, 3), "fire"), ValueError, "no block to replace besides the stem"),
     (lambda: cp.swap_blocks(arch_model("vgg"), "fire", seed=-1), ValueError, "seed=-1 is out of range"),
     (lambda: cp.replace_blocks(arch_model("vgg"), None, "fire"), TypeError, "ctx must be a survey_lib.methods.Context"),

@@ -58,14 +58,23 @@ def test_full_basis_reconstructs_every_kernel(kernel, include_mean):
         assert float((rebuilt - w).norm() / w.norm()) > 0.3
 
 
-def test_basis_is_orthonormal_and_starts_with_the_mean():
+def test_basis_is_orthonormal_and_its_error_is_the_eckart_young_optimum():
     torch.manual_seed(1)
     w = torch.randn(8, 5, 3, 3) * 0.2 + torch.randn(3, 3)
-    basis, _ = P.kernel_basis(w, 5)
-    flat = basis.reshape(5, 9)
-    torch.testing.assert_close(flat @ flat.T, torch.eye(5), atol=1e-5, rtol=0)
-    mean = w.reshape(-1, 9).mean(0)
-    assert abs(float(torch.dot(flat[0], mean / mean.norm()))) == pytest.approx(1.0, abs=1e-5)
+    singular = torch.linalg.svdvals(w.reshape(-1, 9).double())
+    for d in range(1, 10):
+        basis, _ = P.kernel_basis(w, d)
+        flat = basis.reshape(d, 9)
+        torch.testing.assert_close(flat @ flat.T, torch.eye(d), atol=1e-5, rtol=0)
+        optimum = float(singular[d:].square().sum().sqrt() / singular.square().sum().sqrt())
+        assert P.basis_error(w, d) == pytest.approx(optimum, abs=1e-5)
+
+
+def test_fewer_kernels_than_basis_size_still_gives_a_full_basis():
+    w = torch.randn(2, 2, 3, 3)                      # 4 kernels, 9 basis kernels asked
+    basis, coefficients = P.kernel_basis(w, 9)
+    torch.testing.assert_close(P.reconstruct(basis, coefficients), w, atol=1e-5, rtol=1e-5)
+    assert basis.shape == (9, 3, 3)
 
 
 def test_mean_included_beats_the_centred_basis_on_offset_kernels():

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .._validate import check_bool, check_choice, check_int, check_model, check_seed, check_type
 from ..models import BasicBlock, DepthwiseSeparable, conv_bn_relu
+from ..train import CosineLR
 from .base import Context, check_ctx, mark, replace_module
 
 __all__ = [
@@ -296,8 +297,9 @@ def _counted(model: nn.Module, x: Tensor) -> tuple[int, int]:
 def replace_blocks(model: nn.Module, ctx: Context, kind: str, *, budget: int | None = None, seed: int | None = None,
                    **options: Any) -> nn.Module:
     """:func:`swap_blocks` (seed: ``ctx.seed`` by default), then train the whole model ``budget`` epochs
-    (default ``ctx.budget``) through ``ctx``; marked ``architecture`` with counted params and MACs (batch 1)
-    before and after, and the per-epoch training loss."""
+    (default ``ctx.budget``) through ``ctx`` with the learning rate cosine-annealed to 0, as the baselines are
+    trained (at a constant rate the BatchNorm running statistics lag the moving weights); marked
+    ``architecture`` with counted params and MACs (batch 1) before and after, and the per-epoch training loss."""
     check_model(model)
     check_ctx(ctx)
     budget = ctx.budget if budget is None else check_int("budget", budget, min_value=0)
@@ -306,7 +308,7 @@ def replace_blocks(model: nn.Module, ctx: Context, kind: str, *, budget: int | N
     replaced = list(replaceable_blocks(model))
     x = ctx.example_input(1)
     (params_before, macs_before), (params_after, macs_after) = _counted(model, x), _counted(out, x)
-    history = ctx.finetune(out, epochs=budget)
+    history = ctx.finetune(out, epochs=budget, callbacks=[CosineLR()])
     out.eval()
     return mark(out, f"compact_{kind}", "architecture", kind=kind, options=dict(options),
                 replaced=replaced, params_before=params_before, params_after=params_after,
@@ -465,7 +467,7 @@ class CirculantLinear(nn.Module):
 def equal_width_params(layer: nn.Module) -> tuple[int, int]:
     """(params of ``layer``, params of the plain Conv2d / Linear of the same in, out, kernel and bias)."""
     check_type("layer", layer, (EquivariantConv2d, CReLUConv2d, CirculantLinear),
-               "a EquivariantConv2d, CReLUConv2d or CirculantLinear")
+               "an EquivariantConv2d, CReLUConv2d or CirculantLinear")
     own = sum(p.numel() for p in layer.parameters())
     plain = layer.to_linear() if isinstance(layer, CirculantLinear) else layer.to_conv()
     return own, sum(p.numel() for p in plain.parameters())

@@ -3,12 +3,13 @@
 The four steps of the paper, each a small function here:
 
 1. :func:`kernel_basis` -- decompose the layer's Cout·Cin kernels (vectors of length k·k) into ``d`` basis
-   kernels and per-kernel coefficients, initialised from the kernels' principal components. The PCA mean
-   is part of the basis: the basis spans the mean kernel plus the top ``d - 1`` principal directions of the
-   centred kernels (orthonormalised), so ``kernel = sum_j coefficients[j] * basis[j]`` with no separate
-   offset. (The public research code drops the mean: its ``d`` components describe the *centred* kernels, so
-   the reconstruction misses the mean kernel in every position; ``include_mean=False`` reproduces that for
-   the lesson.) With ``d = k·k`` the basis is complete and every kernel is reproduced exactly.
+   kernels and per-kernel coefficients, initialised from the kernels' principal components. The mean
+   must be part of what the basis reconstructs: the library takes the leading singular vectors of the
+   *uncentred* kernels (PCA about the origin), the best ``d``-kernel basis in least squares, so
+   ``kernel = sum_j coefficients[j] * basis[j]`` with no offset left out. (The public research code takes the
+   principal directions of the *centred* kernels and drops the mean from the reconstruction, which then
+   misses the mean kernel in every position; ``include_mean=False`` reproduces that for the lesson.) With
+   ``d = k·k`` the basis is complete and every kernel is reproduced exactly.
    :func:`decompose` swaps every eligible conv for a :class:`SharedBasisConv2d` (training form).
 2. :func:`train_alternating` -- train with an L1 penalty on the coefficients (:func:`coefficient_l1`),
    alternating which of basis and coefficients learns every ``switch_every`` epochs
@@ -97,9 +98,11 @@ def _orthonormal(vectors: Tensor, d: int) -> Tensor:
 def kernel_basis(weight: Tensor, d: int = DEFAULT_D, *, include_mean: bool = True) -> tuple[Tensor, Tensor]:
     """(basis (d, kh, kw), coefficients (Cout, Cin, d)) of a conv weight, from the kernels' principal components.
 
-    The basis spans the mean kernel and the top ``d - 1`` principal directions of the centred kernels;
-    ``include_mean=False`` takes the top ``d`` directions of the centred kernels and drops the mean, as the
-    public research code does (its reconstruction misses the mean kernel)."""
+    ``include_mean=True``: the ``d`` leading right singular vectors of the *uncentred* kernels (PCA about the
+    origin), so the basis represents the kernels' mean as well as their spread; of all ``d``-kernel bases it
+    reconstructs the kernels with the least squared error (Eckart-Young). ``include_mean=False``: the top ``d``
+    principal directions of the *centred* kernels with the mean left out of the reconstruction, as the public
+    research code does (it cannot reproduce the kernels even with ``d = k*k``)."""
     check_type("weight", weight, Tensor, "a conv weight tensor (Cout, Cin, kh, kw)")
     if weight.dim() != 4:
         raise ValueError(f"weight must be a conv weight (Cout, Cin, kh, kw), got shape {tuple(weight.shape)}")
@@ -107,14 +110,10 @@ def kernel_basis(weight: Tensor, d: int = DEFAULT_D, *, include_mean: bool = Tru
     cout, cin, kh, kw = weight.shape
     _check_d(d, (kh, kw))
     kernels = weight.detach().reshape(cout * cin, kh * kw).double()
-    mean = kernels.mean(0)
-    _, _, vt = torch.linalg.svd(kernels - mean, full_matrices=True)
-    if include_mean:
-        basis = _orthonormal(torch.cat([mean[None], vt, torch.eye(kh * kw, dtype=vt.dtype)]), d)
-        coefficients = kernels @ basis.T
-    else:
-        basis = vt[:d]
-        coefficients = (kernels - mean) @ basis.T
+    rows = kernels if include_mean else kernels - kernels.mean(0)
+    _, _, vt = torch.linalg.svd(rows, full_matrices=False)      # (min(N, k·k), k·k): never N x N
+    basis = _orthonormal(torch.cat([vt, torch.eye(kh * kw, dtype=vt.dtype)]), d)   # completed when N < d
+    coefficients = rows @ basis.T
     dtype = weight.dtype
     return basis.reshape(d, kh, kw).to(dtype), coefficients.reshape(cout, cin, d).to(dtype)
 
