@@ -99,6 +99,14 @@ def _load_results(output: Path, name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
+CELL_TIMEOUT_S = {"default": 900, "full": 7200}
+
+
+def cell_timeout(timeout: int | None, profile: str) -> int:
+    """Seconds allowed per cell: ``timeout`` when given, else the profile's default (CELL_TIMEOUT_S)."""
+    return CELL_TIMEOUT_S[profile] if timeout is None else timeout
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Execute notebooks headless and write the build folder."""
     paths = nbtools.resolve_notebooks(args.notebooks)
@@ -109,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for i, path in enumerate(paths, 1):
         settings = ", ".join([args.profile] + [f"{k}={v!r}" for k, v in args.parameters.items()])
         print(f"[{i}/{len(paths)}] {path.stem} ({settings}) ...", flush=True)
-        outcome = run_notebook(path, output, args.profile, timeout=args.timeout, parameters=args.parameters)
+        outcome = run_notebook(path, output, args.profile, timeout=cell_timeout(args.timeout, args.profile),
+                               parameters=args.parameters)
         outcomes.append(outcome)
         state = "ok" if outcome.ok else "FAILED"
         print(f"[{i}/{len(paths)}] {path.stem}: {state} in {outcome.seconds:.1f} s", flush=True)
@@ -211,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("notebooks", nargs="*", help="names like 01 or 01_measuring_cost (default: all)")
     run.add_argument("--profile", choices=PROFILES, default="default")
     run.add_argument("--output", default="build", help="folder for executed notebooks, HTML and results")
-    run.add_argument("--timeout", type=positive_int, default=900, help="seconds allowed per cell")
+    run.add_argument("--timeout", type=positive_int, default=None,
+                     help="seconds allowed per cell (default: 900 in the default profile, 7200 in full, "
+                          "where one cell may train a baseline for many minutes on 2 cores)")
     run.add_argument("-p", "--parameter", nargs=2, metavar=("NAME", "VALUE"), action=_ParameterAction,
                      dest="parameters", default={},
                      help="override a parameters-cell value, as papermill's -p does (e.g. -p seed 1 -p dataset digits)")

@@ -117,3 +117,11 @@ def test_info_prints_the_host(capsys):
     assert "CPU:" in out and "torch" in out
     assert cli.main(["info", "--json"]) == 0
     assert "features" in json.loads(capsys.readouterr().out)
+
+
+def test_cell_timeout_follows_the_profile_unless_given():
+    assert cli.cell_timeout(None, "default") == 900
+    assert cli.cell_timeout(None, "full") > cli.cell_timeout(None, "default")
+    assert cli.cell_timeout(60, "full") == 60
+    args = cli.build_parser().parse_args(["run", "05", "--profile", "full"])
+    assert args.timeout is None and cli.cell_timeout(args.timeout, args.profile) == cli.CELL_TIMEOUT_S["full"]

@@ -230,7 +230,33 @@ def test_masks_by_threshold_and_by_sparsity(ctx):
     assert P.coefficient_sparsity(model) == 0.0
 
 
+def test_pair_sparsity_zeros_whole_columns_of_smallest_norm_and_cuts_counted_macs(ctx):
+    model = P.decompose(tiny(ctx), d=5)
+    masks = P.coefficient_masks(model, threshold_std=0.0, pair_sparsity=0.6)
+    for name, layer in P.shared_layers(model).items():
+        keep = masks[f"{name}.coefficients"]
+        columns = keep.any(0)                                  # (Cin, d): pairs some output still reads
+        assert torch.equal(keep, columns.unsqueeze(0).expand_as(keep))
+        assert int((~columns).sum()) == min(round(0.6 * columns.numel()), columns.numel() - 1)
+        norms = layer.coefficients.detach().norm(dim=0)
+        assert float(norms[~columns].max()) <= float(norms[columns].min())
+    both = P.coefficient_masks(model, threshold_std=1.0, pair_sparsity=0.6)
+    alone = P.coefficient_masks(model, threshold_std=1.0)
+    assert all(torch.equal(both[k], alone[k] & masks[k]) for k in both)
+    x = ctx.example_input(1)
+    macs = {}
+    for pair in (0.0, 0.6):
+        pruned, _ = P.prune_coefficients(model, threshold_std=1.0, pair_sparsity=pair)
+        small = P.shrink(pruned, x)
+        assert torch.allclose(small(x), P.dense_equivalent(pruned).eval()(x), atol=1e-5)
+        macs[pair] = int(count(small, x)["macs"].sum())
+    assert macs[0.6] < 0.75 * macs[0.0]
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"threshold_std": 1.0, "pair_sparsity": 1.0}, "pair_sparsity"),
+    ({"threshold_std": 1.0, "pair_sparsity": -0.1}, "pair_sparsity"),
+    ({"threshold_std": 1.0, "pair_sparsity": "half"}, "pair_sparsity"),
     ({"threshold_std": 1.0, "sparsity": 0.5}, "exactly one"),
     ({"threshold_std": None}, "exactly one"),
     ({"threshold_std": -1.0}, "threshold_std"),
@@ -238,7 +264,7 @@ def test_masks_by_threshold_and_by_sparsity(ctx):
     ({"threshold_std": None, "sparsity": 1.5}, "sparsity"),
 ])
 def test_bad_pruning_settings_are_rejected(ctx, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         P.coefficient_masks(P.decompose(tiny(ctx), d=5), **kwargs)
 
 

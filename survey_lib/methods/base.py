@@ -130,6 +130,14 @@ def mark(model: nn.Module, method: str, changes: str | Iterable[str], **info: An
     return model
 
 
+def counted_totals(model: nn.Module, example_input: Tensor) -> dict[str, int]:
+    """Whole-model counted ``params``, ``nonzero_params`` and ``macs`` (batch 1) from the cost report's table."""
+    from ..cost import count
+
+    table = count(model, example_input[:1])
+    return {k: int(table[k].sum()) for k in ("params", "nonzero_params", "macs")}
+
+
 def compression_info(model: nn.Module) -> dict[str, Any]:
     """What the methods applied to ``model`` changed (empty for an uncompressed model)."""
     return {"last": getattr(model, "compression", None), "history": list(getattr(model, "compression_history", []))}

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .._validate import check_bool, check_choice, check_int, check_model, check_seed, check_type
 from ..models import BasicBlock, DepthwiseSeparable, conv_bn_relu
 from ..train import CosineLR
-from .base import Context, check_ctx, mark, replace_module
+from .base import Context, check_ctx, counted_totals, mark, replace_module
 
 __all__ = [
     "KINDS", "KIND_OPTIONS", "GROUPS", "DepthwiseSeparable", "Fire", "ShuffleBlock", "InvertedResidual",
@@ -287,13 +287,6 @@ def swap_blocks(model: nn.Module, kind: str, seed: int = 0, **options: Any) -> n
     return out
 
 
-def _counted(model: nn.Module, x: Tensor) -> tuple[int, int]:
-    """(params, counted MACs at batch 1) of ``model``."""
-    from ..cost import count
-
-    return sum(p.numel() for p in model.parameters()), int(count(model, x[:1])["macs"].sum())
-
-
 def replace_blocks(model: nn.Module, ctx: Context, kind: str, *, budget: int | None = None, seed: int | None = None,
                    **options: Any) -> nn.Module:
     """:func:`swap_blocks` (seed: ``ctx.seed`` by default), then train the whole model ``budget`` epochs
@@ -307,12 +300,12 @@ def replace_blocks(model: nn.Module, ctx: Context, kind: str, *, budget: int | N
     out = swap_blocks(model, kind, seed, **options)
     replaced = list(replaceable_blocks(model))
     x = ctx.example_input(1)
-    (params_before, macs_before), (params_after, macs_after) = _counted(model, x), _counted(out, x)
+    before, after = counted_totals(model, x), counted_totals(out, x)
     history = ctx.finetune(out, epochs=budget, callbacks=[CosineLR()])
     out.eval()
     return mark(out, f"compact_{kind}", "architecture", kind=kind, options=dict(options),
-                replaced=replaced, params_before=params_before, params_after=params_after,
-                macs_before=macs_before, macs_after=macs_after, finetune_epochs=budget,
+                replaced=replaced, params_before=before["params"], params_after=after["params"],
+                macs_before=before["macs"], macs_after=after["macs"], finetune_epochs=budget,
                 train_loss=list(history.train_loss))
 
 

@@ -17,6 +17,9 @@ The four steps of the paper, each a small function here:
 3. :func:`prune_coefficients` -- zero the coefficients below ``threshold_std`` standard deviations of their
    layer's coefficients (the paper: one), or the ``sparsity`` fraction of smallest ones per layer (the
    operating point a sweep sets); :func:`finetune_pruned` retrains with the pruned coefficients held at zero.
+   Scattered zeros shrink the nonzero count but not the dense shapes a runtime executes, so
+   ``pair_sparsity`` (an addition, not in the paper) also zeros whole (input channel, basis) coefficient
+   columns, which the two-stage form then drops: counted MACs fall with it.
 4. :func:`shrink` -- remove channels physically and rewire their neighbours. An input channel whose
    coefficients are zero in every layer that reads it is unused, so its producing filter, BatchNorm entry
    and consumer slices go (:mod:`survey_lib.methods.structured` slices every coupled layer). An output
@@ -50,9 +53,9 @@ from torch import Tensor, nn
 
 from .._validate import check_bool, check_choice, check_float, check_fraction, check_int, check_model, check_type
 from ..train import Callback, CosineLR, ExtraLoss, History, TrainState
-from .base import Context, mark, replace_module
+from .base import Context, counted_totals, mark, replace_module
 from .pruning import MaskCallback, check_finetune_ctx
-from .structured import Group, channel_groups, prune_channels
+from .structured import Group, channel_groups, channel_indices, prune_channels
 
 __all__ = [
     "FORMS", "DEFAULT_D", "kernel_basis", "reconstruct", "basis_error", "SharedBasisConv2d", "BasisConv", "PenniConv",
@@ -382,13 +385,25 @@ def train_alternating(model: nn.Module, ctx: Context, *, epochs: int | None = No
 # ----------------------------------------------------------------------------------------------------------
 # Step 3: coefficient pruning
 # ----------------------------------------------------------------------------------------------------------
+def _pair_keep(coefficients: Tensor, pair_sparsity: float) -> Tensor:
+    """(Cin, d) keep-flags: all but the ``pair_sparsity`` fraction of (input channel, basis) pairs whose
+    coefficient columns have the smallest L2 norm over the output channels (at least one pair stays)."""
+    norms = coefficients.detach().norm(dim=0).flatten()
+    k = min(int(round(pair_sparsity * norms.numel())), norms.numel() - 1)
+    keep = torch.ones_like(norms, dtype=torch.bool)
+    keep[torch.argsort(norms, stable=True)[:k]] = False
+    return keep.reshape(coefficients.shape[1:])
+
+
 def coefficient_masks(model: nn.Module, *, threshold_std: float | None = DEFAULT_THRESHOLD,
-                      sparsity: float | None = None) -> dict[str, Tensor]:
+                      sparsity: float | None = None, pair_sparsity: float = 0.0) -> dict[str, Tensor]:
     """Boolean keep-masks of every PENNI layer's coefficients, by parameter name.
 
     ``threshold_std``: keep |c| >= threshold_std x std(c) of the layer (the paper: 1.0). ``sparsity``: instead,
     zero that fraction of each layer's coefficients, smallest magnitude first (the operating point a sweep sets).
-    Give exactly one."""
+    Give exactly one. ``pair_sparsity`` (not in the paper; 0 = off): also zero that fraction of each layer's
+    (input channel, basis kernel) pairs, whole coefficient columns with the smallest L2 norm, so that the
+    two-stage form drops them and the counted MACs fall, not only the nonzero count."""
     layers = _require_shared(model, "coefficient_masks")
     if (threshold_std is None) == (sparsity is None):
         raise ValueError("give exactly one of threshold_std (in standard deviations, e.g. 1.0) and sparsity "
@@ -399,6 +414,9 @@ def coefficient_masks(model: nn.Module, *, threshold_std: float | None = DEFAULT
             raise ValueError(f"sparsity={sparsity} would zero every coefficient; accepted: 0 <= sparsity < 1")
     else:
         check_float("threshold_std", threshold_std, min_value=0.0)
+    check_fraction("pair_sparsity", pair_sparsity, meaning="the fraction of (input channel, basis) pairs to zero")
+    if pair_sparsity >= 1.0:
+        raise ValueError(f"pair_sparsity={pair_sparsity} would zero every pair; accepted: 0 <= pair_sparsity < 1")
     masks = {}
     for name, m in layers.items():
         c = m.coefficients.detach().abs()
@@ -406,16 +424,19 @@ def coefficient_masks(model: nn.Module, *, threshold_std: float | None = DEFAULT
             k = int(round(sparsity * c.numel()))
             keep = torch.ones_like(c, dtype=torch.bool).flatten()
             keep[torch.argsort(c.flatten(), stable=True)[:k]] = False
-            masks[f"{name}.coefficients"] = keep.reshape(c.shape)
+            keep = keep.reshape(c.shape)
         else:
-            masks[f"{name}.coefficients"] = c >= threshold_std * float(m.coefficients.detach().std())
+            keep = c >= threshold_std * float(m.coefficients.detach().std())
+        if pair_sparsity > 0:
+            keep &= _pair_keep(c, pair_sparsity).unsqueeze(0)
+        masks[f"{name}.coefficients"] = keep
     return masks
 
 
 def prune_coefficients(model: nn.Module, *, threshold_std: float | None = DEFAULT_THRESHOLD,
-                       sparsity: float | None = None) -> tuple[nn.Module, dict[str, Tensor]]:
+                       sparsity: float | None = None, pair_sparsity: float = 0.0) -> tuple[nn.Module, dict[str, Tensor]]:
     """A copy of ``model`` with its small coefficients set to zero, and the masks (see :func:`coefficient_masks`)."""
-    masks = coefficient_masks(model, threshold_std=threshold_std, sparsity=sparsity)
+    masks = coefficient_masks(model, threshold_std=threshold_std, sparsity=sparsity, pair_sparsity=pair_sparsity)
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
@@ -526,16 +547,6 @@ def shrink_plan(model: nn.Module, example_input: Tensor) -> dict[int, Tensor]:
     return plan
 
 
-def _layer_indices(groups: list[Group], plan: Mapping[int, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    out_idx: dict[str, Tensor] = {}
-    in_idx: dict[str, Tensor] = {}
-    for g in groups:
-        if g.id in plan:
-            out_idx.update({n: plan[g.id] for n in g.producers})
-            in_idx.update({n: plan[g.id] for n in g.consumers})
-    return out_idx, in_idx
-
-
 def _penni_conv(layer: SharedBasisConv2d, out_idx: Tensor | None, in_idx: Tensor | None, name: str) -> PenniConv:
     """The two-stage deployed layer of ``layer`` restricted to the kept output and input channels."""
     c = layer.coefficients.detach()
@@ -568,7 +579,7 @@ def shrink(model: nn.Module, example_input: Tensor, *, form: str = "two_stage") 
     small = prune_channels(dense, plan)
     if form == "fused":
         return small.eval()
-    out_idx, in_idx = _layer_indices(channel_groups(dense), plan)
+    out_idx, in_idx = channel_indices(dense, plan)
     for name, layer in layers.items():
         replace_module(small, name, _penni_conv(layer, out_idx.get(name), in_idx.get(name), name))
     return small.eval()
@@ -599,13 +610,6 @@ def layer_table(model: nn.Module, shrunk: nn.Module) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------------------
-def _counted(model: nn.Module, x: Tensor) -> tuple[int, int, int]:
-    from ..cost import count
-
-    table = count(model, x)
-    return int(table["params"].sum()), int(table["nonzero_params"].sum()), int(table["macs"].sum())
-
-
 def penni(
     model: nn.Module,
     ctx: Context,
@@ -617,12 +621,14 @@ def penni(
     finetune_epochs: int | None = None,
     threshold_std: float | None = DEFAULT_THRESHOLD,
     sparsity: float | None = None,
+    pair_sparsity: float = 0.0,
     form: str = "two_stage",
     lr: float | None = None,
     layers: Iterable[str] | None = None,
 ) -> nn.Module:
     """PENNI end to end: decompose (``d`` basis kernels), train alternately with ``l1`` (``epochs``, default
-    ``ctx.budget``), prune the coefficients (``threshold_std`` or ``sparsity``: the operating point), retrain
+    ``ctx.budget``), prune the coefficients (``threshold_std`` or ``sparsity``, and ``pair_sparsity``: the
+    operating points), retrain
     (``finetune_epochs``, default ``ctx.budget``) and shrink (``form``). Returns a new, smaller model."""
     check_model(model)
     check_finetune_ctx("penni", ctx, True)
@@ -630,14 +636,14 @@ def penni(
     x = ctx.example_input(1)
     decomposed = decompose(model, d=d, layers=layers)
     trained, history, phases = train_alternating(decomposed, ctx, epochs=epochs, l1=l1, switch_every=switch_every, lr=lr)
-    pruned, masks = prune_coefficients(trained, threshold_std=threshold_std, sparsity=sparsity)
+    pruned, masks = prune_coefficients(trained, threshold_std=threshold_std, sparsity=sparsity, pair_sparsity=pair_sparsity)
     tuned, tune_history = finetune_pruned(pruned, ctx, masks, epochs=finetune_epochs, lr=lr)
     small = shrink(tuned, x, form=form)
-    params, nonzero, macs = _counted(model, x)
-    params_after, nonzero_after, macs_after = _counted(small, x)
+    before, after = counted_totals(model, x), counted_totals(small, x)
     return mark(small, "penni", ("dense_shapes", "mask"), d=d, l1=l1, switch_every=switch_every, form=form,
-                threshold_std=threshold_std, sparsity=sparsity, phases=phases,
+                threshold_std=threshold_std, sparsity=sparsity, pair_sparsity=pair_sparsity, phases=phases,
                 train_epochs=len(history.train_loss), finetune_epochs=len(tune_history.train_loss),
                 coefficient_sparsity=coefficient_sparsity(tuned), layers=layer_table(tuned, small),
-                params_before=params, params_after=params_after, nonzero_params_before=nonzero,
-                nonzero_params_after=nonzero_after, macs_before=macs, macs_after=macs_after)
+                params_before=before["params"], params_after=after["params"],
+                nonzero_params_before=before["nonzero_params"], nonzero_params_after=after["nonzero_params"],
+                macs_before=before["macs"], macs_after=after["macs"])

@@ -48,7 +48,7 @@ from .base import Context, check_ctx, mark, replace_module
 from .pruning import check_finetune_ctx
 
 __all__ = [
-    "Group", "channel_groups", "l1_importance", "bn_scale_importance", "prune_channels", "keep_plan",
+    "Group", "channel_groups", "channel_indices", "l1_importance", "bn_scale_importance", "prune_channels", "keep_plan",
     "l1_filter_prune", "bn_l1_penalty", "slimming_train", "slim_prune", "channel_counts",
     "structured_plan_summary", "check_ratio",
 ]
@@ -426,16 +426,12 @@ def _check_keep(group: Group, kept: Any) -> Tensor:
     return uniq
 
 
-def prune_channels(model: nn.Module, plan: Mapping[int, Any]) -> nn.Module:
-    """A deep copy of ``model`` in which group ``gid`` keeps only the channels ``plan[gid]`` (sorted).
-
-    Producers lose output filters, members (BatchNorm, depthwise conv, Unflatten) are sliced, consumers
-    lose input channels. ``model`` is not changed. Group ids are those of :func:`channel_groups`.
-    """
+def channel_indices(model: nn.Module, plan: Mapping[int, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Per module name, the output channels and the input channels that ``plan`` ({group id: kept channels})
+    keeps: producers and members by output, consumers by input; groups kept whole are left out."""
     check_model(model)
     check_mapping("plan", plan, "a {group id: kept channel indices} dict")
-    result = copy.deepcopy(model)
-    groups = {g.id: g for g in channel_groups(result, include_fixed=True)}
+    groups = {g.id: g for g in channel_groups(model, include_fixed=True)}
     out_idx: dict[str, Tensor] = {}
     in_idx: dict[str, Tensor] = {}
     for gid, kept in plan.items():
@@ -451,6 +447,17 @@ def prune_channels(model: nn.Module, plan: Mapping[int, Any]) -> nn.Module:
             out_idx[name] = idx
         for name in group.consumers:
             in_idx[name] = idx
+    return out_idx, in_idx
+
+
+def prune_channels(model: nn.Module, plan: Mapping[int, Any]) -> nn.Module:
+    """A deep copy of ``model`` in which group ``gid`` keeps only the channels ``plan[gid]`` (sorted).
+
+    Producers lose output filters, members (BatchNorm, depthwise conv, Unflatten) are sliced, consumers
+    lose input channels. ``model`` is not changed. Group ids are those of :func:`channel_groups`.
+    """
+    out_idx, in_idx = channel_indices(model, plan)
+    result = copy.deepcopy(model)
     modules = dict(result.named_modules())
     for name in sorted(set(out_idx) | set(in_idx)):
         replace_module(result, name, _rebuilt(modules[name], out_idx.get(name), in_idx.get(name)))
