@@ -187,6 +187,31 @@ def test_coefficient_l1_is_the_sum_of_magnitudes(ctx):
         P.coefficient_l1(-1.0)
 
 
+def test_pair_strength_adds_the_l2_norms_of_the_pair_columns(ctx):
+    model = P.decompose(tiny(ctx), d=3)
+    layers = P.shared_layers(model).values()
+    l1 = sum(float(m.coefficients.detach().abs().sum()) for m in layers)
+    columns = sum(float(m.coefficients.detach().reshape(m.coefficients.shape[0], -1).norm(dim=0).sum()) for m in layers)
+    value = P.coefficient_l1(2e-3, pair_strength=5e-3)(model, None, torch.zeros(1), None).detach()
+    assert float(value) == pytest.approx(2e-3 * l1 + 5e-3 * columns, rel=1e-6)
+    with pytest.raises(ValueError, match="pair_strength"):
+        P.coefficient_l1(1e-3, pair_strength=-1.0)
+    with pytest.raises(ValueError, match="pair_l1"):
+        P.train_alternating(model, ctx, epochs=1, pair_l1=-0.5)
+
+
+
+def test_pair_l1_shrinks_the_pair_columns_in_training(ctx):
+    model = P.decompose(tiny(ctx), d=5)
+
+    def column_norms(m: nn.Module) -> float:
+        return sum(float(layer.coefficients.detach().norm(dim=0).sum()) for layer in P.shared_layers(m).values())
+
+    plain, _, _ = P.train_alternating(model, ctx, epochs=2, switch_every=2, l1=0.0, lr=0.02)
+    grouped, _, _ = P.train_alternating(model, ctx, epochs=2, switch_every=2, l1=0.0, pair_l1=0.5, lr=0.02)
+    assert column_norms(grouped) < 0.9 * column_norms(plain)
+
+
 def test_train_alternating_returns_a_copy_and_the_phases(ctx):
     model = P.decompose(tiny(ctx), d=5)
     before = copy.deepcopy(model.state_dict())
@@ -377,6 +402,15 @@ def test_penni_end_to_end_marks_and_does_not_mutate(ctx):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="Context"):
         P.penni(model, None)
+
+
+def test_penni_with_pairs_records_its_operating_point_and_does_fewer_macs(ctx):
+    model = tiny(ctx)
+    kwargs = dict(epochs=1, finetune_epochs=0, threshold_std=1.0)
+    plain = compression_info(P.penni(model, ctx, **kwargs))["last"]
+    paired = compression_info(P.penni(model, ctx, pair_sparsity=0.6, pair_l1=1e-3, **kwargs))["last"]
+    assert paired["pair_sparsity"] == 0.6 and paired["pair_l1"] == 1e-3 and plain["pair_sparsity"] == 0.0
+    assert paired["macs_after"] < plain["macs_after"]
 
 
 @pytest.mark.parametrize("task_name", TASKS)

@@ -19,7 +19,8 @@ The four steps of the paper, each a small function here:
    operating point a sweep sets); :func:`finetune_pruned` retrains with the pruned coefficients held at zero.
    Scattered zeros shrink the nonzero count but not the dense shapes a runtime executes, so
    ``pair_sparsity`` (an addition, not in the paper) also zeros whole (input channel, basis) coefficient
-   columns, which the two-stage form then drops: counted MACs fall with it.
+   columns, which the two-stage form then drops: counted MACs fall with it (``pair_l1`` in
+   :func:`train_alternating` adds a group penalty on those columns, to empty pairs during training).
 4. :func:`shrink` -- remove channels physically and rewire their neighbours. An input channel whose
    coefficients are zero in every layer that reads it is unused, so its producing filter, BatchNorm entry
    and consumer slices go (:mod:`survey_lib.methods.structured` slices every coupled layer). An output
@@ -297,13 +298,17 @@ def _require_shared(model: nn.Module, what: str) -> dict[str, SharedBasisConv2d]
 # ----------------------------------------------------------------------------------------------------------
 # Step 2: alternating training with an L1 penalty on the coefficients
 # ----------------------------------------------------------------------------------------------------------
-def coefficient_l1(strength: float = DEFAULT_L1) -> ExtraLoss:
-    """An extra loss ``strength * sum |coefficients|`` over the model's PENNI layers (for ``fit``)."""
+def coefficient_l1(strength: float = DEFAULT_L1, *, pair_strength: float = 0.0) -> ExtraLoss:
+    """An extra loss ``strength * sum |coefficients|`` over the model's PENNI layers (for ``fit``), plus
+    ``pair_strength`` times the summed L2 norms of the (input channel, basis) coefficient columns (a group
+    lasso that empties whole pairs for ``pair_sparsity``; not in the paper, 0 = off)."""
     check_float("strength", strength, min_value=0.0)
+    check_float("pair_strength", pair_strength, min_value=0.0)
 
     def penalty(model: nn.Module, x: Tensor, output: Tensor, target: Tensor) -> Tensor:
-        terms = [m.coefficients.abs().sum() for m in model.modules() if isinstance(m, SharedBasisConv2d)]
-        return strength * torch.stack(terms).sum() if terms else output.new_zeros(())
+        terms = [strength * m.coefficients.abs().sum() + pair_strength * m.coefficients.norm(dim=0).sum()
+                 for m in model.modules() if isinstance(m, SharedBasisConv2d)]
+        return torch.stack(terms).sum() if terms else output.new_zeros(())
 
     return penalty
 
@@ -366,19 +371,21 @@ class CoefficientTrace(Callback):
 
 
 def train_alternating(model: nn.Module, ctx: Context, *, epochs: int | None = None, l1: float = DEFAULT_L1,
-                      switch_every: int = DEFAULT_SWITCH, lr: float | None = None,
+                      pair_l1: float = 0.0, switch_every: int = DEFAULT_SWITCH, lr: float | None = None,
                       callbacks: Iterable[Callback] = ()) -> tuple[nn.Module, History, list[str]]:
     """A trained copy of a decomposed ``model``: ``epochs`` (default ``ctx.budget``) of alternating basis /
-    coefficient training with ``l1`` on the coefficients, cosine learning rate, plus any ``callbacks``
+    coefficient training with ``l1`` on the coefficients (and ``pair_l1`` on their pair columns, see
+    :func:`coefficient_l1`), cosine learning rate, plus any ``callbacks``
     (e.g. :class:`CoefficientTrace`); returns (model, history, phases)."""
     _require_shared(model, "train_alternating")
     check_finetune_ctx("train_alternating", ctx, True)
     epochs = ctx.budget if epochs is None else check_int("epochs", epochs, min_value=0)
     check_float("l1", l1, min_value=0.0)
+    check_float("pair_l1", pair_l1, min_value=0.0)
     out = copy.deepcopy(model)
     alternate = AlternateBasisCoefficients(switch_every)
-    history = ctx.finetune(out, epochs=epochs, callbacks=[CosineLR(), alternate, *callbacks], extra_loss=coefficient_l1(l1),
-                           lr=lr)
+    history = ctx.finetune(out, epochs=epochs, callbacks=[CosineLR(), alternate, *callbacks],
+                           extra_loss=coefficient_l1(l1, pair_strength=pair_l1), lr=lr)
     return out.eval(), history, alternate.phases
 
 
@@ -616,6 +623,7 @@ def penni(
     *,
     d: int = DEFAULT_D,
     l1: float = DEFAULT_L1,
+    pair_l1: float = 0.0,
     switch_every: int = DEFAULT_SWITCH,
     epochs: int | None = None,
     finetune_epochs: int | None = None,
@@ -635,13 +643,14 @@ def penni(
     check_choice("form", form, FORMS)
     x = ctx.example_input(1)
     decomposed = decompose(model, d=d, layers=layers)
-    trained, history, phases = train_alternating(decomposed, ctx, epochs=epochs, l1=l1, switch_every=switch_every, lr=lr)
+    trained, history, phases = train_alternating(decomposed, ctx, epochs=epochs, l1=l1, pair_l1=pair_l1,
+                                                switch_every=switch_every, lr=lr)
     pruned, masks = prune_coefficients(trained, threshold_std=threshold_std, sparsity=sparsity, pair_sparsity=pair_sparsity)
     tuned, tune_history = finetune_pruned(pruned, ctx, masks, epochs=finetune_epochs, lr=lr)
     small = shrink(tuned, x, form=form)
     before, after = counted_totals(model, x), counted_totals(small, x)
-    return mark(small, "penni", ("dense_shapes", "mask"), d=d, l1=l1, switch_every=switch_every, form=form,
-                threshold_std=threshold_std, sparsity=sparsity, pair_sparsity=pair_sparsity, phases=phases,
+    return mark(small, "penni", ("dense_shapes", "mask"), d=d, l1=l1, pair_l1=pair_l1, switch_every=switch_every,
+                form=form, threshold_std=threshold_std, sparsity=sparsity, pair_sparsity=pair_sparsity, phases=phases,
                 train_epochs=len(history.train_loss), finetune_epochs=len(tune_history.train_loss),
                 coefficient_sparsity=coefficient_sparsity(tuned), layers=layer_table(tuned, small),
                 params_before=before["params"], params_after=after["params"],
