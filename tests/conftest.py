@@ -56,3 +56,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fit_one_thread():
+    """Like ``one_thread``, and ``fit`` keeps it: ``fit`` seeds through ``seed_everything``, which also sets 2
+    threads (on a busy 2-core host 2 threads ran tiny nets ~100x slower). Seeding and determinism are unchanged."""
+    import survey_lib.train as train
+    from survey_lib.profiles import seed_everything
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "seed_everything", lambda seed: seed_everything(seed, threads=None))
+        yield
+    torch.set_num_threads(threads)

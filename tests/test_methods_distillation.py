@@ -13,28 +13,13 @@ from survey_lib.data import load
 from survey_lib.methods import Context, compression_info
 from survey_lib.methods import distillation as D
 from survey_lib.models import build_model
-from survey_lib.profiles import seed_everything
 from survey_lib.tasks import get_task, task_for
 from survey_lib.train import Callback
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tiny layers: see tests/conftest.py
+pytestmark = pytest.mark.usefixtures("fit_one_thread")   # tiny layers, trained by fit: see tests/conftest.py
 
 SIZE = 16
 TASKS = ("classification", "regression", "detection", "segmentation")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fit_keeps_one_thread():
-    """``fit`` seeds through ``seed_everything``, which also sets 2 threads; keep a single thread for these
-    tiny nets (on a busy 2-core host 2 threads ran them ~100x slower). Seeding and determinism are unchanged."""
-    import survey_lib.train as train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "seed_everything", lambda seed: seed_everything(seed, threads=None))
-        yield
-    torch.set_num_threads(threads)
 
 
 def student_of(ctx: Context, seed: int = 0) -> nn.Module:
