@@ -400,3 +400,167 @@ def test_distill_works_for_every_task_and_method(task_name):
         info = compression_info(out)["last"]
         assert info["variant"] == method and info["train_loss"] is not None
         assert not hasattr(out, D.REGRESSORS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher cache
+# ----------------------------------------------------------------------------------------------------------
+def test_input_fingerprints_tell_inputs_apart_by_their_bytes():
+    x = torch.randn(3, 2, 4, 4)
+    same_bytes = x.clone()
+    changed = x.clone()
+    changed[1, 0, 0, 0] += 1e-6
+    assert D.input_fingerprints(x) == D.input_fingerprints(same_bytes)
+    fx, fc = D.input_fingerprints(x), D.input_fingerprints(changed)
+    assert fx[0] == fc[0] and fx[1] != fc[1] and len(set(fx)) == 3
+    assert D.input_fingerprints(x.double())[0] != fx[0]
+
+
+def cached_loss(ctx, teacher, method, cache=None):
+    """A DistillationLoss of ``method`` with the sizes distill would fix, and its student."""
+    student = student_of(ctx)
+    x = ctx.example_input(2)
+    pairs = D.layer_pairs(method, None, student, teacher, x)
+    loss = D.DistillationLoss(ctx.task, teacher, method=method, pairs=pairs, cache=cache)
+    _, s = D.probe(student, x, [a for a, _ in pairs])
+    _, t = D.probe(teacher, x, [b for _, b in pairs])
+    loss.sizes = loss.common_sizes([s[a] for a, _ in pairs], [t[b] for _, b in pairs])
+    return loss, student
+
+
+@pytest.mark.parametrize("method", D.METHODS)
+def test_cache_serves_what_the_live_teacher_computes(method):
+    ctx = shapes_ctx("segmentation" if method == "attention" else "classification")
+    teacher = teacher_of(ctx)
+    cache = D.TeacherCache(teacher, ctx.data.train, batch_size=20)
+    loss, student = cached_loss(ctx, teacher, method, cache)
+    cache.ensure(loss)
+    x = torch.stack([ctx.data.train[i][0] for i in (7, 0, 23, 7)])   # any order, repeats included
+    live = D.DistillationLoss(ctx.task, teacher, method=method, pairs=loss.pairs, sizes=loss.sizes)
+    out, targets, sizes = loss.teacher_targets(x)
+    out_live, targets_live, _ = live.teacher_targets(x)
+    assert cache.hits == 1 and cache.misses == 0 and cache.nbytes > 0 and len(cache) == len(ctx.data.train)
+    torch.testing.assert_close(out, out_live, rtol=1e-5, atol=1e-5)
+    for a, b in zip(targets, targets_live):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    seconds = cache.seconds
+    cache.ensure(loss)                                               # nothing new to compute
+    assert cache.seconds == seconds
+
+
+def test_a_cache_miss_runs_the_teacher_and_gives_the_same_loss(ctx, teacher):
+    cache = D.TeacherCache(teacher, ctx.data.train)
+    loss, student = cached_loss(ctx, teacher, "attention", cache)
+    cache.ensure(loss)
+    live = D.DistillationLoss(ctx.task, teacher, method="attention", pairs=loss.pairs, sizes=loss.sizes)
+    x, y = ctx.calibration_batches(1)[0]
+    unseen = x + 0.5                                                 # not in the training split
+    for batch, hits, misses in ((x, 1, 0), (unseen, 1, 1)):
+        with D.capture_features(student, [s for s, _ in loss.pairs]) as feats:
+            loss.student_features = live.student_features = feats
+            out = student(batch)
+            torch.testing.assert_close(loss(student, batch, out, y), live(student, batch, out, y), rtol=1e-5, atol=1e-6)
+        assert (cache.hits, cache.misses) == (hits, misses)
+
+
+def test_distill_with_a_cache_trains_the_same_student_without_rerunning_the_teacher(ctx, teacher):
+    cache = D.TeacherCache(teacher, ctx.data.train)
+    student = student_of(ctx)
+    plain = D.distill(student, ctx, teacher=teacher, method="hint", epochs=1)
+    cached = D.distill(student, ctx, teacher=teacher, method="hint", epochs=1, cache=cache)
+    steps = -(-len(ctx.data.train) // ctx.batch_size)
+    assert cache.hits == steps and cache.misses == 0
+    for a, b in zip(plain.state_dict().values(), cached.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert compression_info(cached)["last"]["cached_teacher"] is True
+    seconds = cache.seconds
+    D.distill(student, ctx, teacher=teacher, method="hint", epochs=1, cache=cache)
+    assert cache.seconds == seconds and cache.hits == 2 * steps
+
+
+def test_distill_rejects_a_cache_of_another_teacher_or_dataset(ctx, teacher):
+    student = student_of(ctx)
+    other = teacher_of(ctx, seed=5)
+    with pytest.raises(ValueError, match="another teacher"):
+        D.distill(student, ctx, teacher=teacher, cache=D.TeacherCache(other, ctx.data.train))
+    with pytest.raises(ValueError, match="another dataset"):
+        D.distill(student, ctx, teacher=teacher, cache=D.TeacherCache(teacher, ctx.data.test))
+    with pytest.raises(TypeError, match="cache"):
+        D.distill(student, ctx, teacher=teacher, cache={"output": 1})
+
+
+def test_one_teacher_pass_fills_the_cache_for_several_methods(ctx, teacher):
+    cache = D.TeacherCache(teacher, ctx.data.train)
+    student = student_of(ctx)
+    losses = [D.distillation_loss(student, ctx, teacher=teacher, method=m) for m in D.METHODS]
+    cache.ensure(*losses)
+    seconds, x = cache.seconds, ctx.example_input(4, split="train")
+    for loss in losses:
+        cache.ensure(loss)
+        assert cache.lookup(x, loss.cache_keys()) is not None
+    assert cache.seconds == seconds and cache.hits == len(losses) and cache.misses == 0
+    with pytest.raises(TypeError, match="losses"):
+        cache.ensure("kd")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-task temperature, thin students and the equal-budget comparison
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A shapes classification baseline of 120 images at 16x16 trained 1 epoch, in a private checkpoint cache."""
+    from survey_lib.baselines import baseline
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SURVEY_LIB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("SURVEY_LIB_PROGRESS", "0")
+        return baseline("classification", "digits", budget={"n": 120, "epochs": 1, "width": 0.5})
+
+
+def test_segmentation_distils_at_temperature_one_by_default():
+    assert D.TASK_TEMPERATURE["segmentation"] == 1.0 and D.TASK_TEMPERATURE["classification"] == D.DEFAULT_TEMPERATURE
+    for task_name in ("classification", "segmentation"):
+        ctx = shapes_ctx(task_name)
+        out = D.distill(student_of(ctx), ctx, teacher=teacher_of(ctx), epochs=1)
+        assert compression_info(out)["last"]["temperature"] == D.TASK_TEMPERATURE[task_name]
+    ctx = shapes_ctx("segmentation")
+    out = D.distill(student_of(ctx), ctx, teacher=teacher_of(ctx), epochs=1, temperature=4.0)
+    assert compression_info(out)["last"]["temperature"] == 4.0
+
+
+def test_thin_student_is_the_baselines_net_at_a_width_and_seeded(tiny_base):
+    a, b = D.thin_student(tiny_base, 0.5, seed=3), D.thin_student(tiny_base, 0.5, seed=3)
+    assert same(params(a), params(b)) and not same(params(a), params(D.thin_student(tiny_base, 0.5, seed=4)))
+    thin = D.thin_student(tiny_base, 0.25)
+    full = sum(t.numel() for t in tiny_base.model.parameters())
+    assert sum(t.numel() for t in thin.parameters()) < full and not thin.training
+    x = tiny_base.data.test[0][0][None]
+    assert thin(x).shape == tiny_base.model(x).shape
+    state = torch.random.get_rng_state()
+    D.thin_student(tiny_base, seed=9)
+    assert torch.equal(state, torch.random.get_rng_state())
+    with pytest.raises(TypeError, match="Baseline"):
+        D.thin_student(tiny_base.model)
+
+
+def test_compare_students_trains_each_method_at_one_budget(tiny_base):
+    rows = D.compare_students(tiny_base, methods=["scratch", "kd"], seeds=[0, 1], width=0.25, epochs=1)
+    assert [(r["method"], r["seed"]) for r in rows] == [("scratch", 0), ("kd", 0), ("scratch", 1), ("kd", 1)]
+    for r in rows:
+        assert set(r["metrics"]) == {"accuracy"} and r["train_seconds"] > 0 and not r["model"].training
+        info = compression_info(r["model"])
+        assert (info["last"] is None) if r["method"] == "scratch" else info["last"]["epochs"] == 1
+    ctx = Context.from_baseline(tiny_base, budget=1, lr=tiny_base.config["lr"], batch_size=tiny_base.config["batch_size"])
+    scratch = D.thin_student(tiny_base, 0.25, seed=1)
+    ctx.seed = 1
+    ctx.finetune(scratch)
+    assert same(params(scratch.eval()), params(rows[2]["model"]))        # the scratch row is the plain student, trained
+    for kwargs, error, match in [
+        (dict(methods=["dropout"]), ValueError, "methods"),
+        (dict(seeds=[0, 0]), ValueError, "seeds"),
+        (dict(methods="kd"), TypeError, "methods"),
+        (dict(options={"scratch": {}}), ValueError, "options key"),
+        (dict(epochs=0), ValueError, "epochs"),
+    ]:
+        with pytest.raises(error, match=match):
+            D.compare_students(tiny_base, **kwargs)

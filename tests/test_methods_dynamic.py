@@ -375,3 +375,84 @@ def test_early_exits_need_classification(ctx, base, name):
     bad_ctx = Context(task=task, data=ctx.data, budget=1)
     with pytest.raises(ValueError, match=rf"task='{name}'"):
         D.add_exits(base, bad_ctx, after=["1"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cascades and per-input latency
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(ctx) -> nn.Module:
+    """A tiny vgg classifier of the same digits, trained 1 epoch."""
+    torch.manual_seed(3)
+    model = build_model("vgg", ctx.task, in_channels=1, width=0.25, image_size=8)
+    ctx.finetune(model, epochs=1, lr=1e-2)
+    return model.eval()
+
+
+def test_exit_macs_leaves_a_model_in_training_mode_untouched(ctx, exit_model):
+    model = D.add_exits(exit_model_base := resnet_of(ctx), ctx, after=["1"], epochs=0).train()
+    before = params(model)
+    D.exit_macs(model, ctx.example_input(1))
+    D.full_macs(model, ctx.example_input(1))
+    assert same(params(model), before) and model.training
+    assert same(params(exit_model_base), params(resnet_of(ctx)))
+
+
+def test_cascade_runs_small_first_and_big_only_when_unsure(ctx, base, small):
+    x = ctx.example_input(64)
+    with torch.no_grad():
+        s_out, b_out = small(x), base(x)
+    full = D.cascade(small, base, ctx, threshold=float("inf"))
+    assert not full.training
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), b_out)
+        assert bool((full.last_exits == 1).all())
+        torch.testing.assert_close(D.cascade(small, base, ctx, threshold=1e-6)(x), s_out)
+        confidence = torch.softmax(s_out, 1).amax(1)
+        mid = D.cascade(small, base, ctx, threshold=float(confidence.median()))
+        out = mid(x)
+    sure = confidence >= float(confidence.median())
+    assert 0 < int(sure.sum()) < len(x)                     # both paths are exercised
+    torch.testing.assert_close(out[sure], s_out[sure])
+    torch.testing.assert_close(out[~sure], b_out[~sure])
+    assert mid.last_exits.tolist() == [0 if s else 1 for s in sure.tolist()]
+
+
+def test_cascade_macs_are_small_then_small_plus_big(ctx, base, small):
+    x = ctx.example_input(1)
+    model = D.cascade(small, base, ctx)
+    small_macs, big_macs = int(count(small, x)["macs"].sum()), int(count(base, x)["macs"].sum())
+    assert D.exit_macs(model, x) == [small_macs, small_macs + big_macs]
+    assert D.full_macs(model, x) == big_macs
+    rows = D.evaluate_thresholds(model, ctx, [1e-6, float("inf")])
+    assert rows[0]["avg_macs"] == small_macs and rows[1]["avg_macs"] == small_macs + big_macs
+    assert rows[0]["accuracy"] == pytest.approx(ctx.score(small)) and rows[1]["accuracy"] == pytest.approx(ctx.score(base))
+
+
+def test_cascade_rejects_mismatched_models_and_other_tasks(ctx, base, small):
+    other = build_model("vgg", get_task("classification", num_classes=3), in_channels=1, width=0.25, image_size=8)
+    with pytest.raises(ValueError, match="same classification task"):
+        D.cascade(other, base, ctx)
+    with pytest.raises(TypeError, match="TaskModel"):
+        D.cascade(small, nn.Linear(2, 2), ctx)
+    with pytest.raises(ValueError, match="threshold"):
+        D.cascade(small, base, ctx, threshold=0)
+    with pytest.raises(ValueError, match="classification"):
+        D.cascade(small, base, get_task("regression", num_classes=1, image_size=8))
+
+
+def test_per_input_latency_times_each_input_at_its_exit(ctx, base, small):
+    x = ctx.example_input(6)
+    with torch.no_grad():
+        model = D.cascade(small, base, ctx, threshold=float(torch.softmax(small(x), 1).amax(1).median()))
+    rows = D.per_input_latency(model, x, runs=2, warmup=1)
+    with torch.no_grad():
+        model(x)
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["exit"] for r in rows] == model.last_exits.tolist()
+    assert all(r["early_ms"] > 0 and r["full_ms"] > 0 and r["kind"] == "measured" for r in rows)
+    assert all(r["exit"] == 1 for r in D.per_input_latency(model, x[:2], threshold=float("inf"), runs=1, warmup=0))
+    with pytest.raises(ValueError, match="runs"):
+        D.per_input_latency(model, x, runs=0)
+    with pytest.raises(TypeError, match="inputs"):
+        D.per_input_latency(model, [1, 2])

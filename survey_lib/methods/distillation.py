@@ -20,7 +20,14 @@ the feature term of the method (none for ``"kd"``):
 * ``"attention"`` (Zagoruyko & Komodakis 2017): normalised spatial attention maps (:func:`attention_transfer_loss`).
 * ``"rkd"`` (Park et al. 2019): distances and angles between the embeddings of a batch (:func:`rkd_loss`).
 
-Defaults follow the RepDistiller benchmark (DESIGN.md section 6): T = 4, and ``alpha = 0.9`` for ``"kd"``;
+**One teacher pass for many students.** The teacher is frozen, so its outputs on the training split never
+change: :class:`TeacherCache` computes them (and the feature targets a method needs) once and serves every
+later batch by looking up each input's bytes, so a distillation run costs about what training the student
+alone costs. :func:`compare_students` trains the same thin student from scratch and by each method over
+seeds at one budget, the comparison notebook 06 reports.
+
+Defaults follow the RepDistiller benchmark (DESIGN.md section 6): T = 4 (T = 1 for segmentation's per-pixel
+term, :data:`TASK_TEMPERATURE`), and ``alpha = 0.9`` for ``"kd"``;
 the feature methods run, as there, without the KD term (``alpha = 0``) and with ``beta`` = 100 (hint),
 1000 (attention) or 1 (rkd, whose distance and angle terms carry weights 25 and 50).
 """
@@ -28,7 +35,9 @@ the feature methods run, as there, without the KD term (``alpha = 0``) and with 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -42,15 +51,19 @@ from ..train import Callback
 from .base import Context, check_ctx, mark
 
 __all__ = [
-    "METHODS", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA", "DEFAULT_BETA", "REGRESSORS", "check_temperature",
+    "METHODS", "DEFAULT_TEMPERATURE", "TASK_TEMPERATURE", "DEFAULT_ALPHA", "DEFAULT_BETA", "REGRESSORS", "check_temperature",
     "softened_kl", "kd_loss", "detection_distill_loss", "output_distill_loss", "hint_regressor", "hint_loss",
     "attention_map", "attention_transfer_loss", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss",
     "capture_features", "probe", "stage_pairs", "layer_pairs", "attach_regressors", "strip_regressors",
-    "DistillationLoss", "distill",
+    "input_fingerprints", "TeacherCache", "DistillationLoss", "thin_student", "distillation_loss", "distill", "STUDY_METHODS", "compare_students",
 ]
 
 METHODS = ("kd", "hint", "attention", "rkd")
 DEFAULT_TEMPERATURE = 4.0                                         # the usual KD temperature
+# distill's default T per task: per-pixel distillation runs at T = 1 (Liu et al. 2019's pixel-wise term has
+# no temperature; notebook 06 measures a thin segmentation student collapsing at T = 4).
+TASK_TEMPERATURE = {"classification": DEFAULT_TEMPERATURE, "regression": DEFAULT_TEMPERATURE,
+                    "detection": DEFAULT_TEMPERATURE, "segmentation": 1.0}
 DEFAULT_ALPHA = {"kd": 0.9, "hint": 0.0, "attention": 0.0, "rkd": 0.0}
 DEFAULT_BETA = {"kd": 0.0, "hint": 100.0, "attention": 1000.0, "rkd": 1.0}
 RKD_DISTANCE_WEIGHT = 25.0                                        # Park et al. 2019
@@ -443,6 +456,94 @@ def _hint_regressors(student: nn.Module, teacher: nn.Module, pairs: Sequence[tup
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The teacher's side, computed once
+# ----------------------------------------------------------------------------------------------------------
+def input_fingerprints(x: Tensor) -> list[bytes]:
+    """One 16-byte BLAKE2b digest of the raw bytes of each example of ``x`` (dtype and shape included)."""
+    check_tensor("x", x)
+    rows = x.detach().cpu().contiguous()
+    head = f"{rows.dtype}{tuple(rows.shape[1:])}".encode()
+    return [hashlib.blake2b(head + row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+
+
+class TeacherCache:
+    """The frozen teacher's outputs and feature targets on one dataset, computed once and looked up by the
+    bytes of each input, so that distilling many students from one teacher runs the teacher once.
+
+    A batch is served from the cache only when every example of it is in the dataset the cache was built
+    on (an exact match of its bytes); otherwise the loss runs the teacher (``misses`` counts those
+    batches). The teacher runs in eval mode at ``batch_size``: its cached outputs equal a live pass up to
+    the float rounding of a different batch size (tests: 1e-5). Memory: the outputs plus the targets,
+    e.g. attention maps (H·W floats per layer), not the feature maps they come from."""
+
+    def __init__(self, teacher: nn.Module, dataset: Any, *, batch_size: int = 256) -> None:
+        check_type("teacher", teacher, nn.Module, "a trained torch.nn.Module")
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.dataset = dataset
+        self.batch_size = check_int("batch_size", batch_size, min_value=1)
+        self._reference = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        self._index: dict[bytes, int] = {}
+        self._store: dict[tuple, Tensor] = {}
+        self.hits = self.misses = 0
+        self.seconds = 0.0
+        for i, key in enumerate(k for x, *_ in self._batches() for k in input_fingerprints(x)):
+            self._index.setdefault(key, i)
+        self._size = len(dataset)
+
+    def _batches(self) -> Iterator[tuple[Tensor, ...]]:
+        from ..data import loader
+
+        yield from loader(self.dataset, self.batch_size, shuffle=False)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for t in self._store.values())
+
+    def matches(self, teacher: nn.Module) -> bool:
+        """Whether ``teacher`` has the very weights and buffers the cache was built from."""
+        state = check_type("teacher", teacher, nn.Module, "a torch.nn.Module").state_dict()
+        return state.keys() == self._reference.keys() and all(
+            state[k].shape == v.shape and torch.equal(state[k].detach().cpu(), v.cpu()) for k, v in self._reference.items())
+
+    def ensure(self, *losses: "DistillationLoss") -> None:
+        """Compute, in one teacher pass over the dataset, whatever the ``losses`` need that is not cached yet."""
+        needed: dict[tuple, DistillationLoss] = {}
+        for loss in losses:
+            check_type("losses[i]", loss, DistillationLoss, "a DistillationLoss (see distillation_loss)")
+            needed.update({k: loss for k in loss.cache_keys() if k not in self._store and k not in needed})
+        keys = list(needed)
+        if not keys:
+            return
+        start = time.perf_counter()
+        layers = sorted({k[1] for k in keys if len(k) > 1})
+        parts: dict[tuple, list[Tensor]] = {k: [] for k in keys}
+        device = next((t.device for t in self.teacher.parameters()), torch.device("cpu"))
+        with torch.no_grad(), capture_features(self.teacher, layers, "teacher") as feats:
+            for x, *_ in self._batches():
+                out = self.teacher(x.to(device))
+                for key in keys:
+                    value = out if key == ("output",) else needed[key].teacher_target(feats[key[1]], key[2])
+                    parts[key].append(value.detach().cpu())
+        self._store.update({k: torch.cat(v) for k, v in parts.items()})
+        self.seconds += time.perf_counter() - start
+
+    def lookup(self, x: Tensor, keys: Sequence[tuple]) -> list[Tensor] | None:
+        """The cached tensors under ``keys`` for the examples of ``x`` (on ``x``'s device), or None when an
+        example or a key is missing."""
+        idx = [self._index.get(k) for k in input_fingerprints(x)]
+        if any(i is None for i in idx) or any(k not in self._store for k in keys):
+            self.misses += 1
+            return None
+        self.hits += 1
+        rows = torch.tensor(idx, dtype=torch.long)
+        return [self._store[k].index_select(0, rows).to(x.device) for k in keys]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The extra loss and the method
 # ----------------------------------------------------------------------------------------------------------
 def _check_beta(method: str, beta: Any) -> float:
@@ -460,16 +561,19 @@ class DistillationLoss:
     docstring), so fit's total is ``(1 - alpha) * task.loss + alpha * D + beta * F``.
 
     Holds a frozen copy of ``teacher`` (eval mode, no gradients). ``student_features`` is the dict that
-    :func:`capture_features` fills during the student's forward pass (needed for every method but "kd")."""
+    :func:`capture_features` fills during the student's forward pass (needed for every method but "kd").
+    ``sizes`` fixes, per layer pair, the spatial size both feature maps are pooled to (None: taken from each
+    batch's features); ``cache`` (needs ``sizes``) serves the teacher's side from a :class:`TeacherCache`."""
 
     def __init__(
-        self, task: Task, teacher: nn.Module, *, method: str = "kd", temperature: float = DEFAULT_TEMPERATURE,
+        self, task: Task, teacher: nn.Module, *, method: str = "kd", temperature: float | None = None,
         alpha: float | None = None, beta: float | None = None, pairs: Sequence[tuple[str, str]] = (),
         p: float = 2.0, student_features: Mapping[str, Tensor] | None = None,
+        sizes: Sequence[tuple[int, int] | None] | None = None, cache: "TeacherCache | None" = None,
     ) -> None:
         self.task = check_type("task", task, Task, "a survey_lib.tasks.Task")
         self.method = check_choice("method", method, METHODS)
-        self.temperature = check_temperature(temperature)
+        self.temperature = TASK_TEMPERATURE[task.name] if temperature is None else check_temperature(temperature)
         self.alpha = DEFAULT_ALPHA[method] if alpha is None else check_float("alpha", alpha, min_value=0.0, max_value=1.0)
         self.beta = _check_beta(method, beta)
         self.p = check_float("p", p, min_value=_EPS)
@@ -481,18 +585,21 @@ class DistillationLoss:
         self.teacher.requires_grad_(False)
         _modules(self.teacher, [t for _, t in self.pairs], "teacher")
         self.student_features = student_features
+        if sizes is not None and len(sizes) != len(self.pairs):
+            raise ValueError(f"sizes holds {len(sizes)} entries for {len(self.pairs)} layer pairs")
+        self.sizes = None if sizes is None else [None if z is None else tuple(z) for z in sizes]
+        self.cache = None if cache is None else check_type("cache", cache, TeacherCache, "a TeacherCache or None")
 
     def __call__(self, model: nn.Module, x: Tensor, output: Tensor, target: Tensor) -> Tensor:
         """The extra loss of one batch (called by ``fit`` after the student's forward pass)."""
-        with torch.no_grad(), capture_features(self.teacher, [t for _, t in self.pairs], "teacher") as t_feats:
-            t_out = self.teacher(x)
+        s = [self._student_feature(name) for name, _ in self.pairs]
+        t_out, t_targets, sizes = self.teacher_targets(x, s)
         loss = output.new_zeros(())
         if self.alpha > 0:
             distilled = output_distill_loss(self.task, output, t_out, temperature=self.temperature)
             loss = loss + self.alpha * (distilled - self.task.loss(output, target))
         if self.method != "kd":
-            s = [self._student_feature(name) for name, _ in self.pairs]
-            loss = loss + self.beta * self.feature_loss(model, s, [t_feats[name] for _, name in self.pairs])
+            loss = loss + self.beta * self._feature_term(model, s, t_targets, sizes)
         return loss
 
     def _student_feature(self, name: str) -> Tensor:
@@ -501,18 +608,137 @@ class DistillationLoss:
                                "capture_features(student, names) and pass its dict as student_features")
         return self.student_features[name]
 
-    def feature_loss(self, model: nn.Module, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
-        """The method's feature term F, averaged over the layer pairs."""
-        if self.method == "attention":
-            return attention_transfer_loss(student_feats, teacher_feats, self.p)
+    def common_sizes(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> list[tuple[int, int] | None]:
+        """Per layer pair, the spatial size both maps are pooled to (each dim the smaller); None for (B, C) features."""
+        return [None if s.dim() != 4 or t.dim() != 4 else (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+                for s, t in zip(student_feats, teacher_feats)]
+
+    def teacher_target(self, feature: Tensor, size: tuple[int, int] | None) -> Tensor:
+        """What the feature term needs of one teacher feature: its pooled-to-``size`` map (hint), that map's
+        attention map (attention) or its embedding (rkd)."""
         if self.method == "rkd":
-            return torch.stack([rkd_loss(s, t) for s, t in zip(student_feats, teacher_feats)]).mean()
+            return _embedding(feature, "teacher feature")
+        if size is not None and feature.dim() == 4 and tuple(feature.shape[2:]) != tuple(size):
+            feature = F.adaptive_avg_pool2d(feature, size)
+        return attention_map(feature, self.p) if self.method == "attention" else feature
+
+    def cache_keys(self) -> list[tuple]:
+        """The keys under which a :class:`TeacherCache` stores what this loss needs (output first)."""
+        if self.sizes is None:
+            raise RuntimeError("cache_keys needs the pooled sizes: set .sizes (distill does, from a probe)")
+        keys: list[tuple] = [("output",)]
+        for (_, t_name), size in zip(self.pairs, self.sizes):
+            keys.append((self.method, t_name, size, self.p if self.method == "attention" else None))
+        return keys
+
+    def teacher_targets(self, x: Tensor, student_feats: Sequence[Tensor] = ()) -> tuple[Tensor, list[Tensor], list]:
+        """(teacher output, feature targets, pooled sizes) for the batch ``x``: looked up in ``self.cache``
+        when it holds every example of ``x``, else computed by the frozen teacher. Without ``self.sizes``
+        the sizes come from ``student_feats``."""
+        if self.cache is not None and self.sizes is not None:
+            found = self.cache.lookup(x, self.cache_keys())
+            if found is not None:
+                return found[0], found[1:], list(self.sizes)
+        with torch.no_grad(), capture_features(self.teacher, [t for _, t in self.pairs], "teacher") as t_feats:
+            t_out = self.teacher(x)
+            raw = [t_feats[name] for _, name in self.pairs]
+        sizes = list(self.sizes) if self.sizes is not None else self.common_sizes(student_feats, raw)
+        with torch.no_grad():
+            return t_out, [self.teacher_target(t, size) for t, size in zip(raw, sizes)], sizes
+
+    def feature_loss(self, model: nn.Module, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
+        """The method's feature term F of raw student and teacher features, averaged over the layer pairs."""
+        sizes = self.common_sizes(student_feats, teacher_feats)
+        targets = [self.teacher_target(t.detach(), z) for t, z in zip(teacher_feats, sizes)]
+        return self._feature_term(model, student_feats, targets, sizes)
+
+    def _feature_term(self, model: nn.Module, student_feats: Sequence[Tensor], targets: Sequence[Tensor],
+                      sizes: Sequence[tuple[int, int] | None]) -> Tensor:
+        """F from the student's raw features and the teacher's targets (:meth:`teacher_target`) at ``sizes``."""
+        if self.method == "attention":
+            losses = []
+            for s, t, size in zip(student_feats, targets, sizes):
+                s = _as_map(s, "student feature")
+                if size is not None and tuple(s.shape[2:]) != tuple(size):
+                    s = F.adaptive_avg_pool2d(s, size)
+                if s.shape[0] != t.shape[0]:
+                    raise ValueError(f"student feature ({s.shape[0]} examples) and teacher target ({t.shape[0]}) differ in batch")
+                losses.append((attention_map(s, self.p) - t).pow(2).mean())
+            return torch.stack(losses).mean()
+        if self.method == "rkd":
+            return torch.stack([rkd_loss(s, t) for s, t in zip(student_feats, targets)]).mean()
         regressors = getattr(model, REGRESSORS, None)
         if not isinstance(regressors, nn.ModuleDict) or len(regressors) != len(self.pairs):
             raise RuntimeError(f"method='hint' needs one regressor per layer pair on the student as "
                                f"student.{REGRESSORS} (see attach_regressors)")
         return torch.stack([hint_loss(s, t, regressors[str(i)])
-                            for i, (s, t) in enumerate(zip(student_feats, teacher_feats))]).mean()
+                            for i, (s, t) in enumerate(zip(student_feats, targets))]).mean()
+
+
+def _check_cache(cache: Any, teacher: nn.Module, ctx: Context) -> TeacherCache:
+    """TypeError/ValueError unless ``cache`` is a TeacherCache of ``teacher`` on ``ctx.data.train``."""
+    check_type("cache", cache, TeacherCache, "a TeacherCache or None")
+    if cache.dataset is not ctx.data.train:
+        raise ValueError("cache was built on another dataset: build it with TeacherCache(teacher, ctx.data.train)")
+    if not cache.matches(teacher):
+        raise ValueError("cache was built from another teacher (or the teacher's weights changed since): "
+                         "build a new TeacherCache(teacher, ctx.data.train)")
+    return cache
+
+
+def thin_student(base: Any, width: float = 0.25, *, seed: int = 0, arch: str | None = None) -> nn.Module:
+    """An untrained net of ``base``'s architecture (or ``arch``) and task at ``width``, seeded by ``seed``
+    (global RNG untouched), in eval mode: a thin student for a ``survey_lib.baselines.Baseline`` teacher."""
+    from ..baselines import Baseline
+    from ..models import build_model
+
+    check_type("base", base, Baseline, "a survey_lib.baselines.Baseline (the teacher's baseline)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(check_int("seed", seed, min_value=0))
+        model = build_model(base.config["arch"] if arch is None else arch, base.task, in_channels=base.data.info.in_channels,
+                            width=width, depth=base.config["depth"], image_size=base.data.info.image_size)
+    return model.eval()
+
+
+def distillation_loss(
+    student: nn.Module,
+    ctx: Context,
+    *,
+    teacher: nn.Module | None = None,
+    method: str = "kd",
+    temperature: float | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    layers: Any = None,
+    p: float = 2.0,
+) -> DistillationLoss:
+    """The :class:`DistillationLoss` that :func:`distill` trains ``student`` with (same arguments), its layer
+    pairs and pooled sizes fixed from a probe; e.g. to fill a :class:`TeacherCache` for several methods in one
+    teacher pass: ``cache.ensure(*(distillation_loss(s, ctx, teacher=t, method=m) for m in METHODS))``."""
+    check_type("student", student, nn.Module, "a torch.nn.Module")
+    check_ctx(ctx)
+    if teacher is None:
+        raise TypeError("teacher is missing: distill(student, ctx, teacher=trained_model) needs the trained network "
+                        "to distil from")
+    check_type("teacher", teacher, nn.Module, "a trained torch.nn.Module (the network to distil from)")
+    check_choice("method", method, METHODS)
+    if temperature is not None:
+        check_temperature(temperature)
+    x = ctx.example_input(2)
+    plain = strip_regressors(copy.deepcopy(student))
+    s_out, _ = probe(plain, x, (), "student")
+    t_out, _ = probe(teacher, x, (), "teacher")
+    if s_out.shape != t_out.shape:
+        raise ValueError(f"teacher output of shape {tuple(t_out.shape)} does not match the student's {ctx.task.name} "
+                         f"output of shape {tuple(s_out.shape)} (on {tuple(x.shape)} inputs): the teacher must solve "
+                         "the same task with the same head")
+    pairs = layer_pairs(method, layers, plain, teacher, x)
+    loss = DistillationLoss(ctx.task, teacher, method=method, temperature=temperature, alpha=alpha, beta=beta,
+                            pairs=pairs, p=p)
+    _, s_feats = probe(plain, x, [a for a, _ in pairs], "student")
+    _, t_feats = probe(teacher, x, [b for _, b in pairs], "teacher")
+    loss.sizes = loss.common_sizes([s_feats[a] for a, _ in pairs], [t_feats[b] for _, b in pairs])
+    return loss
 
 
 def distill(
@@ -521,7 +747,7 @@ def distill(
     *,
     teacher: nn.Module | None = None,
     method: str = "kd",
-    temperature: float = DEFAULT_TEMPERATURE,
+    temperature: float | None = None,
     alpha: float | None = None,
     beta: float | None = None,
     layers: Any = None,
@@ -529,35 +755,28 @@ def distill(
     epochs: int | None = None,
     lr: float | None = None,
     callbacks: Iterable[Callback] = (),
+    cache: TeacherCache | None = None,
 ) -> nn.Module:
     """A copy of ``student`` trained for ``epochs`` (default ``ctx.budget``) on ``ctx``'s task with guidance
-    from ``teacher`` (required, keyword: the method signature every family shares is ``(model, ctx, **config)``), through ``ctx.finetune(..., extra_loss=DistillationLoss(...))``. The objective is
+    from ``teacher`` (required, keyword: the method signature every family shares is ``(model, ctx, **config)``),
+    through ``ctx.finetune(..., extra_loss=distillation_loss(...))``. The objective is
     ``(1 - alpha) * task.loss + alpha * D + beta * F`` (module docstring); ``alpha``/``beta`` default to
-    DEFAULT_ALPHA/DEFAULT_BETA of ``method``. ``layers`` (hint, attention, rkd) names the modules compared:
+    DEFAULT_ALPHA/DEFAULT_BETA of ``method``, ``temperature`` to TASK_TEMPERATURE of the task. ``layers`` (hint, attention, rkd) names the modules compared:
     a name, names, (student, teacher) pairs or a {student: teacher} dict; None picks :func:`layer_pairs`'
-    default. ``p`` is the attention exponent. Neither ``student`` nor ``teacher`` is changed."""
-    check_type("student", student, nn.Module, "a torch.nn.Module")
-    check_ctx(ctx)
-    if teacher is None:
-        raise TypeError("teacher is missing: distill(student, ctx, teacher=trained_model) needs the trained network "
-                        "to distil from")
-    check_type("teacher", teacher, nn.Module, "a trained torch.nn.Module (the network to distil from)")
-    check_choice("method", method, METHODS)
-    check_temperature(temperature)
-    x = ctx.example_input(2)
+    default. ``p`` is the attention exponent. ``cache`` (a :class:`TeacherCache` of this teacher on
+    ``ctx.data.train``) serves the teacher's side from memory: its first use runs the teacher once over the
+    training split, later runs not at all. Neither ``student`` nor ``teacher`` is changed."""
+    loss = distillation_loss(student, ctx, teacher=teacher, method=method, temperature=temperature, alpha=alpha,
+                             beta=beta, layers=layers, p=p)
+    if cache is not None:
+        _check_cache(cache, teacher, ctx)
+        cache.ensure(loss)
+        loss.cache = cache
     out = strip_regressors(copy.deepcopy(student))
-    s_out, _ = probe(out, x, (), "student")
-    t_out, _ = probe(teacher, x, (), "teacher")
-    if s_out.shape != t_out.shape:
-        raise ValueError(f"teacher output of shape {tuple(t_out.shape)} does not match the student's {ctx.task.name} "
-                         f"output of shape {tuple(s_out.shape)} (on {tuple(x.shape)} inputs): the teacher must solve "
-                         "the same task with the same head")
-    pairs = layer_pairs(method, layers, out, teacher, x)
-    loss = DistillationLoss(ctx.task, teacher, method=method, temperature=temperature, alpha=alpha, beta=beta,
-                            pairs=pairs, p=p)
+    pairs = loss.pairs
     regressor_params = 0
     if method == "hint":
-        attach_regressors(out, _hint_regressors(out, teacher, pairs, x, ctx.seed))
+        attach_regressors(out, _hint_regressors(out, teacher, pairs, ctx.example_input(2), ctx.seed))
         regressor_params = sum(t.numel() for t in getattr(out, REGRESSORS).parameters())
     try:
         with capture_features(out, [s for s, _ in pairs], "student") as features:
@@ -571,4 +790,68 @@ def distill(
                 beta=loss.beta, layers=[list(pair) for pair in pairs], p=loss.p, epochs=len(history.train_loss),
                 train_loss=final if math.isfinite(final) else None, regressor_params=regressor_params,
                 teacher_params=sum(t.numel() for t in teacher.parameters()),
-                student_params=sum(t.numel() for t in out.parameters()))
+                student_params=sum(t.numel() for t in out.parameters()), cached_teacher=cache is not None)
+
+
+STUDY_METHODS = ("scratch",) + METHODS
+
+
+def compare_students(
+    base: Any,
+    *,
+    methods: Sequence[str] = ("scratch", "kd", "hint", "attention"),
+    seeds: Sequence[int] = (0, 1, 2),
+    width: float = 0.25,
+    epochs: int | None = None,
+    lr: float | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    cache: TeacherCache | None = None,
+) -> list[dict[str, Any]]:
+    """Train the same :func:`thin_student` per seed from scratch and by each distillation method from
+    ``base.model``, all with one budget (``epochs``/``lr``, default the baseline's own) and the seed's data
+    order; one row per (seed, method): ``method``, ``seed``, the test ``metrics``, ``train_seconds``
+    (measured, wall clock), ``student_params`` and the trained ``model``. ``options[method]`` passes extra
+    :func:`distill` arguments (e.g. ``{"kd": {"temperature": 1.0}}``); ``cache`` defaults to a new
+    :class:`TeacherCache`, filled for every method in one teacher pass before the clock starts."""
+    import dataclasses
+
+    from ..baselines import Baseline
+
+    check_type("base", base, Baseline, "a survey_lib.baselines.Baseline (the teacher's baseline)")
+    methods = [check_choice("methods[i]", m, STUDY_METHODS) for m in _sequence("methods", methods)]
+    seeds = [check_int("seeds[i]", x, min_value=0) for x in _sequence("seeds", seeds)]
+    options = dict(options or {})
+    for name in options:
+        check_choice("options key", name, METHODS)
+    epochs = base.config["epochs"] if epochs is None else check_int("epochs", epochs, min_value=1)
+    lr = base.config["lr"] if lr is None else check_float("lr", lr, min_value=0.0)
+    ctx0 = Context.from_baseline(base, budget=epochs, lr=lr, batch_size=base.config["batch_size"])
+    cache = TeacherCache(base.model, ctx0.data.train) if cache is None else _check_cache(cache, base.model, ctx0)
+    probe_student = thin_student(base, width)
+    cache.ensure(*(distillation_loss(probe_student, ctx0, teacher=base.model, method=m, **options.get(m, {}))
+                   for m in methods if m != "scratch"))
+    rows = []
+    for seed in seeds:
+        ctx = dataclasses.replace(ctx0, seed=seed)
+        student = thin_student(base, width, seed=seed)
+        for method in methods:
+            start = time.perf_counter()
+            if method == "scratch":
+                model = copy.deepcopy(student)
+                ctx.finetune(model)
+                model.eval()
+            else:
+                model = distill(student, ctx, teacher=base.model, method=method, cache=cache, **options.get(method, {}))
+            seconds = time.perf_counter() - start
+            rows.append({"method": method, "seed": seed, "metrics": ctx.evaluate(model), "train_seconds": seconds,
+                         "student_params": sum(t.numel() for t in model.parameters()), "model": model})
+    return rows
+
+
+def _sequence(name: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a non-empty list, got {type(value).__name__}")
+    items = list(value)
+    if not items or len(set(map(repr, items))) != len(items):
+        raise ValueError(f"{name} must be a non-empty list without repeats, got {items!r}")
+    return items

@@ -61,6 +61,7 @@ __all__ = [
     "MODES", "TRAIN_MODES", "check_survival", "check_threshold", "linear_survival", "StochasticDepth",
     "wrap_residual_blocks", "unwrap", "stochastic_depth", "stage_names", "EarlyExitModel", "ExitLoss",
     "add_exits", "exit_macs", "exit_confidences", "exits_for_threshold", "evaluate_thresholds",
+    "cascade", "per_input_latency",
 ]
 
 MODES = ("batch", "row")            # stochastic depth: one coin per batch (paper) or per example (torchvision "row")
@@ -439,6 +440,36 @@ def add_exits(
                 exit_params=sum(p.numel() for p in out.exits.parameters()))
 
 
+def cascade(
+    small: nn.Module,
+    big: nn.Module,
+    ctx: Context | Task,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    example_input: Tensor | None = None,
+) -> EarlyExitModel:
+    """A big/little cascade (Park et al. 2015) as an :class:`EarlyExitModel`: copies of ``small`` (any
+    classifier of the same classes) as exit 0 on the raw input, and of ``big`` (a TaskModel) as the rest,
+    run only on inputs where ``small``'s max softmax probability is below ``threshold``. Counted MACs of the
+    final exit are big's plus small's (small ran and was rejected); ``threshold > 1`` gives big's output."""
+    task = _check_classification(ctx)
+    check_type("small", small, nn.Module, "a trained classifier (torch.nn.Module)")
+    _backbone(big)
+    threshold = check_threshold(threshold)
+    x = _example_input(big, ctx, example_input)
+    small_c, big_c = copy.deepcopy(small).eval(), copy.deepcopy(big).eval()
+    with torch.no_grad():
+        s_out, b_out = small_c(x), big_c(x)
+    if s_out.shape != b_out.shape:
+        raise ValueError(f"small outputs shape {tuple(s_out.shape)} but big {tuple(b_out.shape)}: a cascade needs two "
+                         f"classifiers of the same {task.name} task and classes")
+    out = EarlyExitModel([nn.Identity(), big_c.backbone], [small_c], big_c.head, threshold, exit_names=["small"])
+    out.config = dict(getattr(big, "config", {}) or {})
+    out.eval()
+    return mark(out, "early_exit", "architecture", after=["input"], threshold=threshold, train="none", exit_weight=0.0,
+                epochs=0, train_loss=None, exit_params=sum(p.numel() for p in small_c.parameters()))
+
+
 def _check_exit_model(model: Any) -> EarlyExitModel:
     return check_type("model", model, EarlyExitModel, "an EarlyExitModel (see add_exits)")
 
@@ -447,12 +478,13 @@ def exit_macs(model: EarlyExitModel, x: Tensor) -> list[int]:
     """Counted MACs (batch 1, ``cost.count``) of an input leaving at each exit: segments 0..k plus exit heads
     0..k; the last entry (final head) = the full model's MACs + all early exit heads' MACs."""
     from ..cost import count
+    from ..cost.counting import eval_mode
 
     _check_exit_model(model)
     check_type("x", x, Tensor, "a torch.Tensor (B, C, H, W)")
     x = x[:1]
     total, result = 0, []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):          # BatchNorm statistics untouched, training flags restored
         for segment, head in zip(model.segments, model.exits):
             total += int(count(segment, x)["macs"].sum())
             x = segment(x)
@@ -537,4 +569,62 @@ def evaluate_thresholds(
         rows.append({"threshold": t, "accuracy": float((chosen == y).double().mean()), "exit_fractions": fractions,
                      "exit_names": list(model.exit_names), "avg_macs": avg, "exit_macs": list(macs),
                      "full_macs": full, "macs_ratio": avg / full if full else float("nan"), "kind": "counted"})
+    return rows
+
+
+def _run_to_end(model: EarlyExitModel, x: Tensor) -> Tensor:
+    """The original network inside ``model``: every segment, then the final head, no exit heads."""
+    for segment in model.segments:
+        x = segment(x)
+    return model.final_head(x)
+
+
+def per_input_latency(
+    model: EarlyExitModel,
+    inputs: Tensor,
+    *,
+    threshold: float | None = None,
+    runs: int = 5,
+    warmup: int = 2,
+    threads: int = 1,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Measured eager latency of each input at batch 1: per input, ``exit`` (index taken at ``threshold``,
+    default the model's), ``early_ms`` (early-exit inference) and ``full_ms`` (the original network run to the
+    end, no exit heads), each the median of ``runs`` timed calls after ``warmup``, the two taking turns in a
+    seeded order so that a burst of load hits both; ``kind`` is "measured"."""
+    import random
+    import statistics
+    import time
+
+    from ..cost.latency import torch_threads
+
+    _check_exit_model(model)
+    check_type("inputs", inputs, Tensor, "a (N, C, H, W) tensor of inputs")
+    if inputs.dim() < 2 or len(inputs) == 0:
+        raise ValueError(f"inputs must hold at least one example along dim 0, got shape {tuple(inputs.shape)}")
+    t = model.threshold if threshold is None else check_threshold(threshold)
+    check_int("runs", runs, min_value=1)
+    check_int("warmup", warmup, min_value=0)
+    rng = random.Random(check_int("seed", seed, min_value=0))
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with torch.no_grad(), torch_threads(threads):
+            for i in range(len(inputs)):
+                x = inputs[i:i + 1]
+                calls = {"early_ms": lambda: model._infer(x, t), "full_ms": lambda: _run_to_end(model, x)}
+                samples: dict[str, list[float]] = {k: [] for k in calls}
+                for r in range(warmup + runs):
+                    for name in rng.sample(list(calls), len(calls)):
+                        start = time.perf_counter_ns()
+                        calls[name]()
+                        if r >= warmup:
+                            samples[name].append((time.perf_counter_ns() - start) / 1e6)
+                model._infer(x, t)
+                rows.append({"index": i, "exit": int(model.last_exits[0]), **{k: statistics.median(v) for k, v in samples.items()},
+                             "kind": "measured"})
+    finally:
+        model.train(was_training)
     return rows
