@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._validate import check_float, check_int
+from ._validate import check_float, check_int, check_type
 
 
 def _z(confidence: float) -> float:
@@ -160,6 +160,14 @@ def spread(values: Sequence[float]) -> Spread:
     if not vals:
         raise ValueError("values must hold at least one number")
     return Spread(vals)
+
+
+def spread_verdict(a: Spread, b: Spread) -> int:
+    """+1 if every value of ``a`` is above every value of ``b`` (the seed ranges do not overlap), -1 if every
+    value is below, 0 otherwise: "no measurable difference" at this number of seeds."""
+    check_type("a", a, Spread, "a stats.Spread (see spread)")
+    check_type("b", b, Spread, "a stats.Spread (see spread)")
+    return 1 if a.low > b.high else -1 if a.high < b.low else 0
 
 
 def correct_per_image(model: Any, task: Any, data: Any, *, batch_size: int = 256) -> np.ndarray:

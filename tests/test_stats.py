@@ -98,3 +98,14 @@ def test_signed_points_never_prints_a_nonzero_value_as_zero_or_a_minus_zero():
 def test_describe_gives_a_near_zero_bound_with_enough_digits():
     d = stats.Difference(a=0.50, b=0.49, n=1000, low=0.00003, high=0.02, confidence=0.95, paired=True)
     assert "CI +0.003 to +2.00" in d.describe("a", "b") and d.describe("a", "b").startswith("a is measurably higher")
+
+
+def test_spread_verdict_needs_the_seed_ranges_apart():
+    from survey_lib.stats import spread, spread_verdict
+
+    assert spread_verdict(spread([0.9, 0.91, 0.92]), spread([0.8, 0.85, 0.89])) == 1
+    assert spread_verdict(spread([0.8, 0.85, 0.89]), spread([0.9, 0.91, 0.92])) == -1
+    assert spread_verdict(spread([0.8, 0.95]), spread([0.9, 0.91])) == 0
+    assert spread_verdict(spread([0.9]), spread([0.9])) == 0
+    with pytest.raises(TypeError, match="Spread"):
+        spread_verdict([0.9], spread([0.8]))
