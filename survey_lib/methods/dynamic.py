@@ -40,6 +40,12 @@ last entry (the final head) is the full original model's MACs plus every early e
 (the same decisions as ``forward``, up to floating-point differences from batch composition), giving accuracy,
 the fraction of inputs per exit and the average counted MACs per input (``sum_k fraction_k * exit_macs[k]``).
 The softmax/max of the rule is not counted (not a MAC, DESIGN.md section 4).
+
+**Cascades** (big/little networks, Park et al. 2015): :func:`cascade` builds the same kind of model from two
+separate classifiers, a small one as exit 0 on the raw input and a big one for the inputs it is unsure about,
+so every function above applies to it. :func:`per_input_latency` measures each input's eager latency at batch
+1 against the plain network, which shows what the average counted MACs hide: inputs that go on pay for every
+exit they passed.
 """
 
 from __future__ import annotations
