@@ -488,7 +488,6 @@ class TeacherCache:
         self.seconds = 0.0
         for i, key in enumerate(k for x, *_ in self._batches() for k in input_fingerprints(x)):
             self._index.setdefault(key, i)
-        self._size = len(dataset)
 
     def _batches(self) -> Iterator[tuple[Tensor, ...]]:
         from ..data import loader
@@ -496,7 +495,7 @@ class TeacherCache:
         yield from loader(self.dataset, self.batch_size, shuffle=False)
 
     def __len__(self) -> int:
-        return self._size
+        return len(self.dataset)
 
     @property
     def nbytes(self) -> int:
