@@ -282,6 +282,8 @@ def test_foreign_or_corrupt_store_files_are_refused_and_left_untouched(tmp_path)
         S.SearchStore(other)
     with pytest.raises(TypeError, match="path"):
         S.SearchStore(3)
+    with pytest.raises(FileNotFoundError, match="folder does not exist"):
+        S.SearchStore(tmp_path / "missing" / "store.sqlite")
 
 
 def test_pareto_front_keeps_the_non_dominated_points():
@@ -299,3 +301,21 @@ def test_data_driven_compress_returns_a_smaller_marked_model_and_leaves_the_inpu
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
     with torch.no_grad():
         assert out(ctx.example_input(2)).shape == (2, 10)
+
+
+def test_shortlist_and_trained_selection(ctx, trained):
+    dep = small_deployment(trained, ctx)
+    results = [S.search(dep, strategy="random", episodes=4, seed=s, progress=False) for s in (0, 1)]
+    top = S.shortlist(results, k=3)
+    rewards = {a: r for res in results for a, r in zip(res.episodes["arch"], res.episodes["reward"])}
+    assert len(top) == len(set(top)) == min(3, len(rewards))
+    assert [rewards[S.arch_key(a)] for a in top] == sorted((rewards[S.arch_key(a)] for a in top), reverse=True)
+    assert rewards[S.arch_key(top[0])] == max(rewards.values())
+    table, models = S.select_trained(dep, top[:2], S.SIZE_ONLY, epochs=1)
+    assert list(table["reward"]) == sorted(table["reward"], reverse=True) and set(models) == set(table["arch"])
+    for row in table.to_dict("records"):
+        assert row["trained_score"] == pytest.approx(dep.full_ctx.score(models[row["arch"]], "val"))
+        c = row["memory_saving"]
+        assert row["reward"] == pytest.approx(row["trained_score"] / dep.reference_score * c * (2 - c))
+    with pytest.raises(ValueError, match="non-empty"):
+        S.select_trained(dep, [])

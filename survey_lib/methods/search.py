@@ -323,6 +323,8 @@ class SearchStore:
         self.path = None if path is None else Path(check_type("path", path, (str, os.PathLike), "a file path or None"))
         if self.path is not None and self.path.exists():
             _check_store_file(self.path)
+        elif self.path is not None and not self.path.parent.is_dir():
+            raise FileNotFoundError(f"path {str(self.path)!r}: its folder does not exist; create it first")
         self.conn = sqlite3.connect(":memory:" if self.path is None else str(self.path))
         try:
             self._init()
@@ -418,13 +420,13 @@ def _state_digest(model: nn.Module) -> str:
 
 class Deployment:
     """What a search compresses for: the reference ``model`` on ``ctx``'s task, optionally restricted to
-    ``classes``; candidates train for ``epochs`` on ``train_images`` seeded training images by distillation
-    from the reference, are scored on the validation split, and are timed at batch 1 against the reference
+    ``classes``; candidates train for ``epochs`` on ``train_images`` seeded training images (at ``lr`` and
+    ``batch_size``, default the context's) by distillation from the reference, are scored on the validation split, and are timed at batch 1 against the reference
     (``runtime``, ``threads``, ``latency_runs``). Evaluations go to ``store`` (default: in memory)."""
 
     def __init__(self, model: nn.Module, ctx: Context, *, classes: Sequence[int] | None = None,
                  train_images: int | None = 1024, epochs: int = 1, lr: float | None = None,
-                 runtime: str = "eager", threads: int = 1, latency_runs: int = 30,
+                 batch_size: int | None = None, runtime: str = "eager", threads: int = 1, latency_runs: int = 30,
                  store: SearchStore | None = None) -> None:
         check_type("model", model, nn.Module, "a trained torch.nn.Module (the reference net)")
         check_ctx(ctx)
@@ -435,6 +437,7 @@ class Deployment:
         self.latency_runs = check_int("latency_runs", latency_runs, min_value=MIN_RUNS)
         self.epochs = check_int("epochs", epochs, min_value=1)
         self.lr = ctx.lr if lr is None else check_float("lr", lr, min_value=0.0)
+        self.batch_size = ctx.batch_size if batch_size is None else check_int("batch_size", batch_size, min_value=1)
         self.store = SearchStore() if store is None else check_type("store", store, SearchStore, "a SearchStore or None")
         self.classes = None
         data, task, reference = ctx.data, ctx.task, copy.deepcopy(model).eval()
@@ -456,7 +459,7 @@ class Deployment:
         self.data = data
         self.reference = reference
         self.ctx = Context(task=task, data=Splits(train=train, val=data.val, test=data.test, info=data.info),
-                           budget=self.epochs, lr=self.lr, batch_size=ctx.batch_size, seed=ctx.seed)
+                           budget=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=ctx.seed)
         self.full_ctx = Context(task=task, data=data, budget=ctx.budget, lr=ctx.lr, batch_size=ctx.batch_size, seed=ctx.seed)
         self.example = self.ctx.example_input(1)
         self.layers = search_layers(self.reference, self.example)
@@ -468,7 +471,7 @@ class Deployment:
 
         self.key = hashlib.blake2b(json.dumps({
             "reference": _state_digest(self.reference), "classes": self.classes, "task": task.name,
-            "train": [int(i) for i in order], "epochs": self.epochs, "lr": self.lr, "batch": ctx.batch_size,
+            "train": [int(i) for i in order], "epochs": self.epochs, "lr": self.lr, "batch": self.batch_size,
             "seed": ctx.seed, "runtime": runtime, "threads": threads, "runs": latency_runs,
             "cpu": cpu_features()[0], "torch": torch.__version__,
         }, sort_keys=True).encode(), digest_size=12).hexdigest()
@@ -768,6 +771,38 @@ def _bar(total: int, strategy: str, progress: bool | None):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"search ({strategy})", unit="episode", leave=False)
+
+
+def shortlist(results: Sequence[SearchResult], k: int = 3) -> list[Arch]:
+    """The ``k`` distinct architectures with the highest search rewards over ``results`` (best first)."""
+    check_int("k", k, min_value=1)
+    rows = pd.concat([check_type("results[i]", r, SearchResult, "a SearchResult").episodes for r in results], ignore_index=True)
+    rows = rows.sort_values(["reward", "episode"], ascending=[False, True]).drop_duplicates("arch")
+    return [tuple(int(c) for c in ch) for ch in rows["channels"].head(k)]
+
+
+def select_trained(deployment: Deployment, archs: Sequence[Sequence[int]], weights: RewardWeights = SIZE_ONLY,
+                   *, epochs: int | None = None) -> tuple[pd.DataFrame, dict[str, nn.Module]]:
+    """The second stage of a search: train each of ``archs`` for the deployment's full budget
+    (:meth:`Deployment.finalize`), score it on the validation split and recompute its reward with that trained
+    accuracy; returns one row per arch (best reward first) and the trained models by arch key."""
+    check_type("deployment", deployment, Deployment, "a Deployment")
+    check_type("weights", weights, RewardWeights, "a RewardWeights")
+    if isinstance(archs, (str, bytes)) or not isinstance(archs, Sequence) or not archs:
+        raise ValueError("archs must be a non-empty list of architectures (kept channels per layer)")
+    rows, models = [], {}
+    for arch in archs:
+        record = deployment.evaluate(arch)
+        model = deployment.finalize(arch, epochs=epochs)
+        trained = {**record, "score": deployment.full_ctx.score(model, "val")}
+        parts = reward(trained, weights)
+        rows.append({"arch": record["arch"], "channels": record["channels"], "proxy_score": record["score"],
+                     "trained_score": trained["score"], "params": record["params"], "latency_ratio": record["latency_ratio"],
+                     "proxy_reward": reward(record, weights)["reward"], **{k: v for k, v in parts.items() if k != "accuracy_ratio"},
+                     "accuracy_ratio": parts["accuracy_ratio"]})
+        models[record["arch"]] = model
+    table = pd.DataFrame(rows).sort_values("reward", ascending=False, kind="stable").reset_index(drop=True)
+    return table, models
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
