@@ -411,11 +411,7 @@ def _no_fit_bars() -> Iterator[None]:
 
 
 def _state_digest(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return _state_digest_dict(model.state_dict())
 
 
 class Deployment:
@@ -693,6 +689,7 @@ def search(
     pending: list[tuple[Tensor, Tensor, float]] = []
     base_value: float | None = None
     evaluated = reused = 0
+    best = -math.inf
     start = time.perf_counter()
     try:
         for episode in range(episodes):
@@ -708,7 +705,7 @@ def search(
             evaluated += deployment.evaluations - before
             reused += deployment.evaluations == before
             parts = reward(record, weights)
-            best = max([r["reward"] for r in rows] + [parts["reward"]])
+            best = max(best, parts["reward"])
             row = {"episode": episode + 1, **record, **parts, "best_reward": best}
             deployment.store.add_episode(key, episode, {k: v for k, v in row.items() if _jsonable(v)})
             rows.append(row)
