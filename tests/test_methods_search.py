@@ -54,7 +54,7 @@ def test_every_action_sequence_builds_a_net_that_runs_on_the_task_head(task_name
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for removed in itertools.product([False, True], repeat=3):
         flags = [False, removed[0], False, removed[1], False, removed[2]]
-        for ratios in ([0] * 6, [3] * 6, [0, 1, 2, 3, 2, 1]):
+        for ratios in ([0] * 6, [len(S.RATIOS) - 1] * 6, [0, 1, 2, 3, 2, 1]):
             arch = S.arch_from_actions(layers, flags, ratios)
             cand = S.build_candidate(model, arch, layers)
             with torch.no_grad():
@@ -319,3 +319,65 @@ def test_shortlist_and_trained_selection(ctx, trained):
         assert row["reward"] == pytest.approx(row["trained_score"] / dep.reference_score * c * (2 - c))
     with pytest.raises(ValueError, match="non-empty"):
         S.select_trained(dep, [])
+
+
+def test_candidates_that_break_the_size_target_are_rejected_untrained(ctx, trained):
+    dep = small_deployment(trained, ctx)
+    weights = S.RewardWeights(min_compression=3.0)
+    result = S.search(dep, strategy="random", episodes=12, seed=0, weights=weights, progress=False)
+    rows = result.episodes
+    ratio = dep.reference_params / rows["params"]
+    big = ratio < 3.0
+    assert big.any() and (~big).any(), "the seed must propose candidates on both sides of the target"
+    assert (rows.loc[big, "reward"] == -1).all() and (~rows.loc[big, "trained"].astype(bool)).all()
+    assert rows.loc[big, "score"].isna().all() and rows.loc[~big, "score"].notna().all()
+    assert result.rejected == int(big.sum())
+    assert dep.evaluations == result.evaluated == rows.loc[~big, "arch"].nunique()
+    assert all(dep.store.candidate(dep.key, a) is None for a in rows.loc[big, "arch"])   # never trained or stored
+    for a, p in zip(rows["channels"], rows["params"]):
+        assert p == sum(q.numel() for q in dep.candidate(a).parameters())
+    assert set(rows.loc[~big, "seed"]) == {ctx.seed}
+    top = S.shortlist([result], k=len(rows))
+    assert set(S.arch_key(a) for a in top) == set(rows.loc[~big, "arch"])   # untrained ones are never shortlisted
+
+
+def _result(rows) -> S.SearchResult:
+    import pandas as pd
+
+    df = pd.DataFrame([{"episode": i + 1, "arch": S.arch_key(ch), "channels": list(ch), "params": p, "score": a,
+                        "reward": r, "trained": t} for i, (ch, p, a, r, t) in enumerate(rows)])
+    return S.SearchResult("random", 0, S.SIZE_ONLY, df, None, 0, 0, 0.0)
+
+
+def test_front_shortlist_spreads_over_the_pareto_front():
+    rows = [((8, 1), 100_000, 0.90, 0.5, True), ((7, 1), 50_000, 0.89, 0.6, True), ((6, 1), 20_000, 0.85, 0.7, True),
+            ((5, 1), 10_000, 0.80, 0.8, True), ((4, 1), 1_000, 0.50, 0.4, True),
+            ((3, 1), 60_000, 0.70, 0.9, True),            # dominated (bigger and worse than 20_000 @ 0.85)
+            ((2, 1), 500, 0.99, -1.0, False)]             # rejected untrained: never on the menu
+    result = _result(rows)
+    assert S.shortlist([result], k=2) == [(3, 1), (5, 1)]                       # by reward
+    assert S.shortlist([result], k=9, by="front") == [(8, 1), (7, 1), (6, 1), (5, 1), (4, 1)]
+    assert S.shortlist([result], k=3, by="front") == [(8, 1), (5, 1), (4, 1)]   # both ends and the log-middle (10,000)
+    with pytest.raises(ValueError, match="by"):
+        S.shortlist([result], k=3, by="best")
+
+
+def test_deployment_schedule_decays_the_rate_and_is_part_of_the_key(ctx, trained):
+    cosine, constant = small_deployment(trained, ctx), small_deployment(trained, ctx, schedule="constant")
+    assert cosine.schedule == "cosine" and cosine.key != constant.key   # a store never mixes the two
+    rates = []
+
+    class Spy(S.Deployment):
+        def _callbacks(self):
+            from survey_lib.train import Callback
+
+            class Record(Callback):
+                def on_step_end(self, state):
+                    rates.append(state.optimizer.param_groups[0]["lr"])
+            return super()._callbacks() + [Record()]
+
+    arch = S.arch_from_actions(cosine.layers, [False] * len(cosine.layers), [1] * len(cosine.layers))
+    Spy(trained, ctx, train_images=64).evaluate(arch)
+    assert rates[0] < cosine.lr and rates[-1] == pytest.approx(0.0, abs=1e-12)   # cosine decays to 0 over the epoch
+    with pytest.raises(ValueError, match="schedule"):
+        small_deployment(trained, ctx, schedule="step")

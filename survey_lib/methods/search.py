@@ -58,7 +58,7 @@ from .base import Context, check_ctx, counted_totals, mark, replace_module
 from .distillation import TeacherCache, distill
 from .structured import channel_groups, l1_importance, prune_channels
 
-RATIOS = (0.25, 0.5, 0.75, 1.0)
+RATIOS = (0.125, 0.25, 0.5, 0.75, 1.0)
 STRATEGIES = ("rl", "random", "uniform")
 RUNTIMES = ("eager", "ort")
 STORE_SCHEMA = "survey_lib.search/1"
@@ -417,15 +417,20 @@ def _state_digest(model: nn.Module) -> str:
 class Deployment:
     """What a search compresses for: the reference ``model`` on ``ctx``'s task, optionally restricted to
     ``classes``; candidates train for ``epochs`` on ``train_images`` seeded training images (at ``lr`` and
-    ``batch_size``, default the context's) by distillation from the reference, are scored on the validation split, and are timed at batch 1 against the reference
-    (``runtime``, ``threads``, ``latency_runs``). Evaluations go to ``store`` (default: in memory)."""
+    ``batch_size``, default the context's, under ``schedule``: "cosine" decays the rate to 0, "constant")
+    by distillation from the reference, are scored on the validation split, and are timed at batch 1
+    against the reference (``runtime``, ``threads``, ``latency_runs``). Evaluations go to ``store``
+    (default: in memory)."""
 
     def __init__(self, model: nn.Module, ctx: Context, *, classes: Sequence[int] | None = None,
                  train_images: int | None = 1024, epochs: int = 1, lr: float | None = None,
-                 batch_size: int | None = None, runtime: str = "eager", threads: int = 1, latency_runs: int = 30,
-                 store: SearchStore | None = None) -> None:
+                 batch_size: int | None = None, schedule: str = "cosine", runtime: str = "eager", threads: int = 1,
+                 latency_runs: int = 30, store: SearchStore | None = None) -> None:
         check_type("model", model, nn.Module, "a trained torch.nn.Module (the reference net)")
         check_ctx(ctx)
+        from ..train import SCHEDULES
+
+        self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.runtime = check_choice("runtime", runtime, RUNTIMES)
         self.threads = check_int("threads", threads, min_value=1, max_value=256)
         from ..cost.latency import MIN_RUNS
@@ -467,15 +472,34 @@ class Deployment:
 
         self.key = hashlib.blake2b(json.dumps({
             "reference": _state_digest(self.reference), "classes": self.classes, "task": task.name,
-            "train": [int(i) for i in order], "epochs": self.epochs, "lr": self.lr, "batch": self.batch_size,
+            "train": [int(i) for i in order], "epochs": self.epochs, "lr": self.lr, "batch": self.batch_size, "schedule": self.schedule,
             "seed": ctx.seed, "runtime": runtime, "threads": threads, "runs": latency_runs,
             "cpu": cpu_features()[0], "torch": torch.__version__,
         }, sort_keys=True).encode(), digest_size=12).hexdigest()
         self.evaluations = 0
+        self._counts: dict[Arch, dict[str, int]] = {}
 
     def candidate(self, arch: Sequence[int]) -> nn.Module:
         """The untrained candidate of ``arch`` (weights inherited from the reference)."""
         return build_candidate(self.reference, arch, self.layers)
+
+    def count(self, arch: Sequence[int]) -> dict[str, int]:
+        """Counted params and MACs (batch 1) of the candidate of ``arch``, without training it."""
+        arch = check_arch(self.layers, arch)
+        if arch not in self._counts:
+            self._counts[arch] = counted_totals(self.candidate(arch), self.example)
+        return self._counts[arch]
+
+    def untrained(self, arch: Sequence[int]) -> dict[str, Any]:
+        """A record of ``arch`` with its counted figures only (score and latency NaN): a candidate the search
+        rejects on its counted size, so it is never trained or timed."""
+        arch = check_arch(self.layers, arch)
+        counted = self.count(arch)
+        nan = float("nan")
+        return {"arch": arch_key(arch), "channels": list(arch), "score": nan, "reference_score": self.reference_score,
+                "params": counted["params"], "reference_params": self.reference_params, "macs": counted["macs"],
+                "latency_ms": nan, "latency_iqr_ms": nan, "reference_latency_ms": nan, "latency_ratio": nan,
+                "train_seconds": 0.0, "seconds": 0.0, "seed": self.ctx.seed, "trained": False}
 
     def evaluate(self, arch: Sequence[int]) -> dict[str, Any]:
         """The stored evaluation of ``arch``, or a new one (build, distil briefly, score, count, time; stored)."""
@@ -486,7 +510,8 @@ class Deployment:
             return stored
         start = time.perf_counter()
         with _no_fit_bars():
-            model = distill(self.candidate(arch), self.ctx, teacher=self.reference, cache=self.cache)
+            model = distill(self.candidate(arch), self.ctx, teacher=self.reference, cache=self.cache,
+                            callbacks=self._callbacks())
         train_seconds = time.perf_counter() - start
         score = self.ctx.score(model, "val")
         counted = counted_totals(model, self.example)
@@ -497,7 +522,8 @@ class Deployment:
             "latency_ms": lat["candidate"].median_ms, "latency_iqr_ms": lat["candidate"].iqr_ms,
             "reference_latency_ms": lat["reference"].median_ms,
             "latency_ratio": lat["candidate"].median_ms / lat["reference"].median_ms,
-            "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
+            "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "seed": self.ctx.seed,
+            "trained": True,
         }
         self.store.add_candidate(self.key, key, record)
         self.evaluations += 1
@@ -517,7 +543,12 @@ class Deployment:
             self._full_cache = TeacherCache(self.reference, self.full_ctx.data.train)
         with _no_fit_bars():
             return distill(self.candidate(arch), self.full_ctx, teacher=self.reference, cache=self._full_cache,
-                           epochs=epochs)
+                           epochs=epochs, callbacks=self._callbacks())
+
+    def _callbacks(self) -> list[Any]:
+        from ..train import CosineLR
+
+        return [CosineLR()] if self.schedule == "cosine" else []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -603,7 +634,8 @@ def uniform_archs(layers: Sequence[Layer]) -> list[Arch]:
 @dataclass
 class SearchResult:
     """One search's episodes (a DataFrame: arch, reward and its components, the candidate's figures,
-    ``best_reward`` so far), its final ``controller`` state, and how many candidates it evaluated anew."""
+    ``best_reward`` so far), its final ``controller`` state, how many candidates it evaluated anew, reused
+    from the store, and ``rejected`` untrained for breaking the size target on counted params."""
 
     strategy: str
     seed: int
@@ -615,6 +647,7 @@ class SearchResult:
     seconds: float
     key: str = ""
     layers: list[Layer] = field(default_factory=list)
+    rejected: int = 0
 
     @property
     def best(self) -> pd.Series:
@@ -655,6 +688,7 @@ def search(
     "rl" (REINFORCE, ``batch`` episodes per update, Adam at ``lr``, an ``entropy`` bonus, a moving-average
     baseline), "random" (uniform over the same actions) or "uniform" (the uniform-width heuristic). The
     episodes are stored; calling again with the same arguments replays them from the store and continues.
+    A candidate that breaks ``weights.min_compression`` on its counted params gets reward −1 untrained.
     ``warm_start`` starts the controller from an earlier search's (policy transfer)."""
     check_type("deployment", deployment, Deployment, "a Deployment")
     check_type("weights", weights, RewardWeights, "a RewardWeights (e.g. SIZE_ONLY, SPEED_FIRST)")
@@ -688,7 +722,7 @@ def search(
     rows: list[dict[str, Any]] = []
     pending: list[tuple[Tensor, Tensor, float]] = []
     base_value: float | None = None
-    evaluated = reused = 0
+    evaluated = reused = rejected = 0
     best = -math.inf
     start = time.perf_counter()
     try:
@@ -701,9 +735,13 @@ def search(
                 removed, ratios, logp, ent = controller.sample(features, removable, generator, uniform=strategy == "random")
                 arch = arch_from_actions(deployment.layers, removed, ratios)
             before = deployment.evaluations
-            record = deployment.evaluate(arch)
-            evaluated += deployment.evaluations - before
-            reused += deployment.evaluations == before
+            if _too_large(deployment, arch, weights):
+                record = deployment.untrained(arch)
+                rejected += 1
+            else:
+                record = deployment.evaluate(arch)
+                evaluated += deployment.evaluations - before
+                reused += deployment.evaluations == before
             parts = reward(record, weights)
             best = max(best, parts["reward"])
             row = {"episode": episode + 1, **record, **parts, "best_reward": best}
@@ -722,7 +760,14 @@ def search(
             bar.close()
     return SearchResult(strategy, seed, weights, pd.DataFrame(rows),
                         {k: v.detach().clone() for k, v in controller.state_dict().items()} if strategy == "rl" else None,
-                        evaluated, reused, time.perf_counter() - start, key, list(deployment.layers))
+                        evaluated, reused, time.perf_counter() - start, key, list(deployment.layers), rejected)
+
+
+def _too_large(deployment: Deployment, arch: Arch, weights: RewardWeights) -> bool:
+    """Whether ``arch`` breaks the size target on its counted params alone (no need to train it)."""
+    if weights.min_compression is None:
+        return False
+    return deployment.reference_params / deployment.count(arch)["params"] < weights.min_compression
 
 
 def _jsonable(v: Any) -> bool:
@@ -770,12 +815,36 @@ def _bar(total: int, strategy: str, progress: bool | None):
     return tqdm(total=total, desc=f"search ({strategy})", unit="episode", leave=False)
 
 
-def shortlist(results: Sequence[SearchResult], k: int = 3) -> list[Arch]:
-    """The ``k`` distinct architectures with the highest search rewards over ``results`` (best first)."""
+SHORTLIST_BY = ("reward", "front")
+
+
+def shortlist(results: Sequence[SearchResult], k: int = 3, by: str = "reward") -> list[Arch]:
+    """``k`` distinct architectures the searches in ``results`` trained (not those rejected untrained on their
+    size): by="reward", the highest search rewards (best first); by="front", members of the Pareto front of
+    counted params against proxy accuracy, spread evenly over log params (most accurate first), a menu of
+    sizes for the trained second stage to choose from by the user's weights."""
     check_int("k", k, min_value=1)
+    check_choice("by", by, SHORTLIST_BY)
     rows = pd.concat([check_type("results[i]", r, SearchResult, "a SearchResult").episodes for r in results], ignore_index=True)
-    rows = rows.sort_values(["reward", "episode"], ascending=[False, True]).drop_duplicates("arch")
-    return [tuple(int(c) for c in ch) for ch in rows["channels"].head(k)]
+    if "trained" in rows:
+        rows = rows[rows["trained"].fillna(True).astype(bool)]
+    if by == "reward":
+        rows = rows.sort_values(["reward", "episode"], ascending=[False, True]).drop_duplicates("arch").head(k)
+    else:
+        front = pareto_front(rows.drop_duplicates("arch"), "params", "score").sort_values("params", ascending=False)
+        rows = front.iloc[_spread(np.log(front["params"].to_numpy(dtype=float)), k)]
+    return [tuple(int(c) for c in ch) for ch in rows["channels"]]
+
+
+def _spread(values: np.ndarray, k: int) -> list[int]:
+    """Indices of up to ``k`` of the sorted ``values``, the nearest to k evenly spaced points (ends included)."""
+    if len(values) <= k:
+        return list(range(len(values)))
+    picked: list[int] = []
+    for target in np.linspace(values[0], values[-1], k):
+        order = np.argsort(np.abs(values - target), kind="stable")
+        picked.append(next(int(i) for i in order if int(i) not in picked))
+    return sorted(picked)
 
 
 def select_trained(deployment: Deployment, archs: Sequence[Sequence[int]], weights: RewardWeights = SIZE_ONLY,
