@@ -303,11 +303,16 @@ def reward(candidate: dict[str, Any], weights: RewardWeights = SIZE_ONLY) -> dic
     feasible = True
     if weights.max_drop is not None and (candidate["reference_score"] - candidate["score"]) * 100 > weights.max_drop:
         feasible = False
-    if weights.min_compression is not None and candidate["reference_params"] / candidate["params"] < weights.min_compression:
+    if _breaks_size_target(candidate["params"], candidate["reference_params"], weights):
         feasible = False
     value = ratio ** weights.accuracy * shaped if feasible else -1.0
     return {"accuracy_ratio": ratio, "memory_saving": mem, "latency_saving": lat, "saving": saving,
             "shaped": shaped, "feasible": feasible, "reward": float(value)}
+
+
+def _breaks_size_target(params: int, reference_params: int, weights: RewardWeights) -> bool:
+    """Whether a candidate of ``params`` is compressed less than ``weights.min_compression``."""
+    return weights.min_compression is not None and reference_params / params < weights.min_compression
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -493,13 +498,8 @@ class Deployment:
     def untrained(self, arch: Sequence[int]) -> dict[str, Any]:
         """A record of ``arch`` with its counted figures only (score and latency NaN): a candidate the search
         rejects on its counted size, so it is never trained or timed."""
-        arch = check_arch(self.layers, arch)
-        counted = self.count(arch)
         nan = float("nan")
-        return {"arch": arch_key(arch), "channels": list(arch), "score": nan, "reference_score": self.reference_score,
-                "params": counted["params"], "reference_params": self.reference_params, "macs": counted["macs"],
-                "latency_ms": nan, "latency_iqr_ms": nan, "reference_latency_ms": nan, "latency_ratio": nan,
-                "train_seconds": 0.0, "seconds": 0.0, "seed": self.ctx.seed, "trained": False}
+        return self._record(check_arch(self.layers, arch), score=nan, latency=None, train_seconds=0.0, seconds=0.0)
 
     def evaluate(self, arch: Sequence[int]) -> dict[str, Any]:
         """The stored evaluation of ``arch``, or a new one (build, distil briefly, score, count, time; stored)."""
@@ -514,20 +514,28 @@ class Deployment:
                             callbacks=self._callbacks())
         train_seconds = time.perf_counter() - start
         score = self.ctx.score(model, "val")
-        counted = counted_totals(model, self.example)
         lat = self.latency({"reference": self.reference, "candidate": model})
-        record = {
-            "arch": key, "channels": list(arch), "score": score, "reference_score": self.reference_score,
-            "params": counted["params"], "reference_params": self.reference_params, "macs": counted["macs"],
-            "latency_ms": lat["candidate"].median_ms, "latency_iqr_ms": lat["candidate"].iqr_ms,
-            "reference_latency_ms": lat["reference"].median_ms,
-            "latency_ratio": lat["candidate"].median_ms / lat["reference"].median_ms,
-            "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "seed": self.ctx.seed,
-            "trained": True,
-        }
+        record = self._record(arch, score=score, latency=lat, train_seconds=train_seconds,
+                              seconds=time.perf_counter() - start)
         self.store.add_candidate(self.key, key, record)
         self.evaluations += 1
         return record
+
+    def _record(self, arch: Arch, *, score: float, latency: dict[str, Any] | None, train_seconds: float,
+                seconds: float) -> dict[str, Any]:
+        """One candidate's row: counted figures, score, latency (NaN when ``latency`` is None: not timed)."""
+        counted = self.count(arch)
+        nan = float("nan")
+        timed = latency is not None
+        cand, ref = (latency["candidate"], latency["reference"]) if timed else (None, None)
+        return {
+            "arch": arch_key(arch), "channels": list(arch), "score": score, "reference_score": self.reference_score,
+            "params": counted["params"], "reference_params": self.reference_params, "macs": counted["macs"],
+            "latency_ms": cand.median_ms if timed else nan, "latency_iqr_ms": cand.iqr_ms if timed else nan,
+            "reference_latency_ms": ref.median_ms if timed else nan,
+            "latency_ratio": cand.median_ms / ref.median_ms if timed else nan,
+            "train_seconds": train_seconds, "seconds": seconds, "seed": self.ctx.seed, "trained": timed,
+        }
 
     def latency(self, models: dict[str, nn.Module], runs: int | None = None, seed: int = 0) -> dict[str, Any]:
         """Batch-1 latency of ``models``, interleaved in one call of the harness (this deployment's settings)."""
@@ -765,9 +773,8 @@ def search(
 
 def _too_large(deployment: Deployment, arch: Arch, weights: RewardWeights) -> bool:
     """Whether ``arch`` breaks the size target on its counted params alone (no need to train it)."""
-    if weights.min_compression is None:
-        return False
-    return deployment.reference_params / deployment.count(arch)["params"] < weights.min_compression
+    return weights.min_compression is not None and \
+        _breaks_size_target(deployment.count(arch)["params"], deployment.reference_params, weights)
 
 
 def _jsonable(v: Any) -> bool:
