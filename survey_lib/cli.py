@@ -170,6 +170,47 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark spec into a results store: missing runs first, then latency serially; resumable."""
+    from .bench import ResultsStore, runner
+    from .bench.spec import load_spec
+
+    spec = load_spec(args.spec)
+    runs = spec.runs()
+    if args.dry_run and not Path(args.store).exists():
+        print(f"spec {spec.name!r} ({spec.source}): {len(runs)} runs, no store yet at {args.store}")
+        for reason in spec.skipped():
+            print(f"  not run: {reason}")
+        return 0
+    with ResultsStore(args.store) as store:
+        stored = sum(store.has(r.key) for r in runs)
+        print(f"spec {spec.name!r} ({spec.source}): {len(runs)} runs, {stored} already in {store.path}, "
+              f"{len(runs) - stored} to run" + (f"; expected about {spec.expected_minutes:g} min from scratch" if spec.expected_minutes else ""))
+        for reason in spec.skipped():
+            print(f"  not run: {reason}")
+        if args.dry_run:
+            return 0
+        start = time.perf_counter()
+        with _bench_bar(len(runs) - stored) as bar:
+            runner.compress(spec, store, progress=lambda done, total, run: bar.update(1))
+        print(f"phase 1 (compress, evaluate, count, estimate): {time.perf_counter() - start:.0f} s")
+        start = time.perf_counter()
+        timed = runner.time_runs(spec, store)
+        print(f"phase 2 (latency, measured serially: nothing else ran on these cores): {timed} runs timed in "
+              f"{time.perf_counter() - start:.0f} s")
+        for fmt in args.export:
+            out = Path(args.store).with_suffix(f".{fmt}")
+            (store.to_csv if fmt == "csv" else store.to_parquet)(out)
+            print(f"wrote {out}")
+    return 0
+
+
+def _bench_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="runs", unit="run", disable=total == 0)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -238,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="this machine: CPU, ISA features, kernels, library versions")
     info.add_argument("--json", action="store_true", help="print the JSON stored with every results file")
     info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="run a benchmark spec into a resumable results store")
+    bench.add_argument("spec", nargs="?", default=str(Path("data") / "bench" / "default.toml"),
+                       help="a TOML spec (default: data/bench/default.toml; data/bench/full.toml is the full sweep)")
+    bench.add_argument("--store", default=str(Path("build") / "bench" / "default.sqlite"),
+                       help="the SQLite results store (created if missing; an interrupted sweep resumes from it)")
+    bench.add_argument("--export", nargs="*", choices=("csv", "parquet"), default=[],
+                       help="also write the runs table beside the store")
+    bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -246,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"survey-lib: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,317 @@
+"""The benchmark's registry, spec validation and results store."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from survey_lib import bench
+from survey_lib.bench import registry as R
+from survey_lib.bench import spec as SP
+from survey_lib.bench import store as ST
+from survey_lib.methods import CHANGES
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_FAMILIES = ("pruning_sharing", "quantization", "low_rank", "compact_filters", "distillation_dynamic")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------
+def test_registry_covers_every_family_and_describes_each_method():
+    families = {m.family for m in bench.methods()}
+    assert set(MAIN_FAMILIES) <= families <= set(bench.FAMILIES)
+    for m in bench.methods():
+        assert set(m.changes) <= set(CHANGES), m.name
+        assert m.description, m.name
+        if m.valid is None:
+            assert m.points == () and m.check_point(None) is None
+        else:
+            assert m.point and m.points and all(m.check_point(p) == p for p in m.points), m.name
+    assert [m.name for m in bench.methods("low_rank")] == ["tucker2"]
+
+
+def test_registry_rejects_unknown_names_points_and_unsupported_targets():
+    with pytest.raises(ValueError, match="method.*magnitude_prune"):
+        bench.get_method("magnitude")
+    with pytest.raises(ValueError, match="family"):
+        bench.methods("pruning")
+    prune = bench.get_method("magnitude_prune")
+    with pytest.raises(ValueError, match="operating point of 'magnitude_prune'"):
+        prune.check_point(0.5)
+    with pytest.raises(ValueError, match="operating point"):
+        prune.check_point("four")
+    with pytest.raises(ValueError, match="single setting"):
+        bench.get_method("depthwise_separable").check_point(4)
+    assert "architectures" in bench.get_method("depthwise_separable").supports("classification", "mlp")
+    assert bench.get_method("magnitude_prune").supports("segmentation", "vgg") is None
+
+
+def test_operating_points_map_to_each_methods_parameter():
+    assert R.sparsity_for(4) == 0.75
+    assert R.bits_for(4) == 8 and R.bits_for(8) == 4 and R.bits_for(64) == 1
+    assert abs((1 - R.channel_ratio_for(4)) ** 2 - 0.25) < 1e-12   # both sides of a conv keep half: 1/4 of its weights
+
+
+@pytest.mark.parametrize("name", ["magnitude_prune", "l1_filter_prune", "ptq", "tucker2", "kd_thin_student"])
+def test_applying_a_method_returns_a_new_model_and_leaves_the_input(name, ctx, trained):
+    model = copy.deepcopy(trained)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = bench.get_method(name)
+    out = method.apply(model, ctx, method.points[0])
+    assert out is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert out(ctx.example_input(2)).shape == model(ctx.example_input(2)).shape
+
+
+def test_apply_needs_a_survey_lib_model(ctx):
+    with pytest.raises(TypeError, match="survey_lib model"):
+        bench.get_method("ptq").apply(torch.nn.Linear(3, 3), ctx, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spec
+# ----------------------------------------------------------------------------------------------------------
+def good_spec() -> dict:
+    return {"bench": {"name": "t", "baseline_profile": "default", "finetune_epochs": 1, "seeds": [0, 1],
+                      "hardware": ["host", "int8_npu"]},
+            "targets": [{"task": "classification", "dataset": "shapes", "arch": "vgg"},
+                        {"task": "segmentation", "dataset": "shapes", "arch": "vgg"}],
+            "methods": {"magnitude_prune": [2, 8], "depthwise_separable": []}}
+
+
+def test_shipped_specs_load_and_the_default_covers_every_family_three_tasks_hardware_and_seeds():
+    default = SP.load_spec(ROOT / "data/bench/default.toml")
+    families = {bench.get_method(m).family for m in default.methods}
+    assert set(MAIN_FAMILIES) <= families
+    assert len({t.task for t in default.targets}) >= 3 and len(default.seeds) >= 3 and len(default.hardware) >= 3
+    full = SP.load_spec(ROOT / "data/bench/full.toml")
+    assert set(default.methods) <= set(full.methods) and len(full.runs()) > len(default.runs())
+
+
+def test_spec_lists_runs_with_the_shared_budget_and_stable_keys():
+    spec = SP.parse_spec(good_spec())
+    runs = spec.runs()
+    assert len(runs) == 2 * (1 + 2 + 1) * 2   # targets x (baseline + points of prune + one setting) x seeds
+    assert runs[0].method == "baseline"
+    assert {r.finetune_epochs for r in runs} == {1} and {r.baseline_profile for r in runs} == {"default"}
+    assert len({r.key for r in runs}) == len(runs)
+    again = SP.parse_spec(good_spec()).runs()
+    assert [r.key for r in again] == [r.key for r in runs]
+    raw = good_spec()
+    raw["bench"]["finetune_epochs"] = 2
+    assert SP.parse_spec(raw).runs()[0].key != runs[0].key
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["methods"].update(magnitude=[2]), r"\[methods\] = 'magnitude' is unknown"),
+    (lambda s: s["methods"].update(magnitude_prune=[0.5]), r"magnitude_prune: operating point 0.5 does not apply"),
+    (lambda s: s["methods"].update(magnitude_prune=[]), r"magnitude_prune needs at least one operating point"),
+    (lambda s: s["methods"].update(magnitude_prune=4), r"magnitude_prune must be a list"),
+    (lambda s: s["methods"].update(depthwise_separable=[4]), r"depthwise_separable has a single setting"),
+    (lambda s: s["targets"][0].update(task="captioning"), r"#1.task .*'captioning' is unknown"),
+    (lambda s: s["targets"][1].update(dataset="digits"), r"#2.task \(for dataset 'digits'\)"),
+    (lambda s: s["targets"][0].update(arch="mlp", task="segmentation"), r"#1.task \(for arch 'mlp'\)"),
+    (lambda s: s["bench"].update(hardware=["host", "tpu"]), r"hardware = 'tpu' is unknown"),
+    (lambda s: s["bench"].update(seeds=[0, 0]), r"seeds must be distinct"),
+    (lambda s: s["bench"].update(finetune_epochs=0), r"finetune_epochs must be an integer >= 1"),
+    (lambda s: s["bench"].update(baseline_profile="huge"), r"baseline_profile = 'huge' is unknown"),
+    (lambda s: s["bench"].update(colour="red"), r"unknown key\(s\) \['colour'\] in \[bench\]"),
+    (lambda s: s.pop("targets"), r"\[\[targets\]\] table is required"),
+    (lambda s: s.pop("bench"), r"\[bench\] table is required"),
+])
+def test_a_bad_spec_is_rejected_naming_the_entry(change, message):
+    raw = good_spec()
+    change(raw)
+    with pytest.raises(SP.SpecError, match=message):
+        SP.parse_spec(raw, source="bad.toml")
+
+
+def test_a_spec_file_that_is_not_toml_is_rejected(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[bench\nname = 1")
+    with pytest.raises(SP.SpecError, match="not valid TOML"):
+        SP.load_spec(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SP.load_spec(tmp_path / "missing.toml")
+
+
+def test_a_spec_where_no_method_supports_any_target_is_rejected():
+    raw = good_spec()
+    raw["targets"] = [{"task": "classification", "dataset": "digits", "arch": "mlp"}]
+    raw["methods"] = {"depthwise_separable": []}
+    with pytest.raises(SP.SpecError, match="nothing to run"):
+        SP.parse_spec(raw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Store
+# ----------------------------------------------------------------------------------------------------------
+def run_row(key: str, **kw) -> dict:
+    return {"key": key, "method": "magnitude_prune", "family": "pruning_sharing", "point": 4.0, "task": "classification",
+            "dataset": "shapes", "arch": "vgg", "seed": 0, "config": {"finetune_epochs": 1}, "metrics": {"accuracy": 0.9},
+            "versions": {"torch": torch.__version__}, "host": {"cpu": "test"}, "seconds": 1.5, **kw}
+
+
+def costs(**kw) -> list[dict]:
+    return [{"hardware": "counted", "name": "params", "value": 1000, "kind": "counted", "unit": "", **kw},
+            {"hardware": "int8_npu", "name": "latency_ms", "value": 0.5, "kind": "estimated", "unit": "ms"}]
+
+
+def test_store_writes_each_run_once_and_keeps_it_across_reopen(tmp_path):
+    path = tmp_path / "bench.sqlite"
+    with bench.ResultsStore(path) as store:
+        assert store.add_run(run_row("a"), costs()) is True
+        assert store.add_run(run_row("a", seconds=9.0), costs()) is False   # already stored: nothing written
+        assert store.add_costs("a", [{"hardware": "host", "name": "latency_ms", "value": 0.7, "kind": "measured", "unit": "ms"}]) == 1
+        assert store.add_costs("a", [{"hardware": "host", "name": "latency_ms", "value": 9.9, "kind": "measured", "unit": "ms"}]) == 0
+    with bench.ResultsStore(path) as store:
+        assert len(store) == 1 and store.has("a") and not store.has("b")
+        runs = store.runs()
+        assert runs.loc[0, "seconds"] == 1.5 and runs.loc[0, "metrics"] == {"accuracy": 0.9}
+        c = store.costs().set_index(["hardware", "name"])
+        assert c.loc[("host", "latency_ms"), "value"] == 0.7 and c.loc[("host", "latency_ms"), "kind"] == "measured"
+        table = store.table()
+        assert table.loc[0, "int8_npu.latency_ms [estimated]"] == 0.5 and table.loc[0, "metric.accuracy"] == 0.9
+        assert store.has_cost("a", "counted", "params")
+
+
+def test_a_run_is_written_whole_or_not_at_all(tmp_path):
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        duplicate = costs() + [costs()[0]]   # the same (hardware, name) twice: the transaction fails midway
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add_run(run_row("a"), duplicate)
+        assert len(store) == 0 and store.costs().empty
+
+
+def test_store_rejects_bad_rows(tmp_path):
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(ValueError, match="kind"):
+            store.add_run(run_row("a"), costs(kind="guessed"))
+        with pytest.raises(ValueError, match="missing"):
+            store.add_run({"key": "b"})
+        with pytest.raises(KeyError, match="not in the store"):
+            store.add_costs("nope", costs())
+        assert len(store) == 0
+
+
+@pytest.mark.parametrize("make", ["garbage", "foreign", "truncated", "version", "empty_sqlite"])
+def test_a_corrupted_or_foreign_store_is_reported_and_left_untouched(tmp_path, make):
+    path = tmp_path / "s.sqlite"
+    if make == "garbage":
+        path.write_bytes(b"not a database at all" * 10)
+    elif make == "foreign":
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE runs (x)")
+        conn.commit()
+        conn.close()
+    elif make == "empty_sqlite":
+        sqlite3.connect(path).close()
+        path.write_bytes(b"")
+        path.write_bytes(b"SQLite format 3\x00" + bytes(84))
+    else:
+        with bench.ResultsStore(path) as store:
+            for i in range(30):
+                store.add_run(run_row(f"k{i}"), costs())
+        if make == "truncated":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2] + b"\x00" * 17)
+        else:
+            conn = sqlite3.connect(path)
+            conn.execute("PRAGMA user_version = 99")
+            conn.close()
+    before = path.read_bytes()
+    with pytest.raises(bench.StoreError, match="left untouched"):
+        bench.ResultsStore(path)
+    assert path.read_bytes() == before
+
+
+def test_store_exports_csv_atomically(tmp_path):
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        store.add_run(run_row("a"), costs())
+        store.add_run(run_row("b", seed=1), costs(value=2000))
+        out = store.to_csv(tmp_path / "out" / "runs.csv")
+    frame = pd.read_csv(out)
+    assert list(frame["key"]) == ["a", "b"] and list(frame["counted.params [counted]"]) == [1000, 2000]
+    assert [p.name for p in out.parent.iterdir()] == ["runs.csv"]   # no temporary file left behind
+
+
+def test_store_exports_parquet(tmp_path):
+    pytest.importorskip("pyarrow")
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        store.add_run(run_row("a"), costs())
+        out = store.to_parquet(tmp_path / "runs.parquet")
+    assert pd.read_parquet(out).loc[0, "counted.params [counted]"] == 1000
+
+
+def test_store_path_must_be_a_file(tmp_path):
+    with pytest.raises(bench.StoreError, match="folder"):
+        bench.ResultsStore(tmp_path)
+    with pytest.raises(TypeError, match="path"):
+        bench.ResultsStore(3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------------------------------------
+def tiny_spec(methods: dict) -> SP.Spec:
+    return SP.parse_spec({"bench": {"name": "tiny", "baseline_profile": "default", "finetune_epochs": 1, "seeds": [0],
+                                    "hardware": ["mobile_big_core", "int8_npu"]},
+                          "targets": [{"task": "classification", "dataset": "digits", "arch": "vgg"}],
+                          "methods": methods})
+
+
+def test_a_sweep_stores_every_run_once_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from survey_lib.bench import runner
+
+    spec = tiny_spec({"magnitude_prune": [2, 4], "ptq": [4]})
+    path = tmp_path / "bench.sqlite"
+    real = runner.execute
+    calls = []
+
+    def flaky(run, hardware):
+        calls.append(run.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt   # the sweep is interrupted during its second run
+        return real(run, hardware)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    with bench.ResultsStore(path) as store, pytest.raises(KeyboardInterrupt):
+        runner.compress(spec, store)
+    with bench.ResultsStore(path) as store:
+        assert len(store) == 1                               # the finished run survived, the interrupted one left nothing
+        assert runner.compress(spec, store) == 3             # the rest, not the stored one again
+        assert store.keys() == {r.key for r in spec.runs()}
+        assert runner.compress(spec, store) == 0
+        assert runner.time_runs(spec, store, runs=30) == 4 and runner.time_runs(spec, store) == 0
+        table = store.table()
+    assert len(calls) == 1 + 1 + 3
+    assert set(table["method"]) == {"baseline", "magnitude_prune", "ptq"}
+    ref = table[table["method"] == "baseline"].iloc[0]
+    assert abs(ref["host.latency_ratio [measured]"] - 1) < 0.5   # the baseline timed against itself
+    assert (table["host.latency_ratio [measured]"] > 0).all()
+    assert (table["any.params [counted]"] > 0).all() and (table["metric.accuracy"] > 0.1).all()
+    pruned = table[(table["method"] == "magnitude_prune") & (table["point"] == 4)].iloc[0]
+    assert abs(pruned["any.sparsity [counted]"] - 0.75) < 0.1
+
+
+def test_cli_validates_a_spec_before_running_and_reports_bad_stores(tmp_path, capsys):
+    from survey_lib.cli import main
+
+    store = tmp_path / "b.sqlite"
+    assert main(["bench", str(ROOT / "data/bench/default.toml"), "--store", str(store), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(SP.load_spec(ROOT / 'data/bench/default.toml').runs())} runs" in out and not store.exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[bench]\nname = "x"\nbaseline_profile = "default"\nfinetune_epochs = 1\nseeds = [0]\n'
+                   'hardware = ["host"]\n[[targets]]\ntask = "classification"\ndataset = "shapes"\n[methods]\nprune = [2]\n')
+    assert main(["bench", str(bad), "--store", str(store)]) == 2
+    assert "[methods] = 'prune' is unknown" in capsys.readouterr().err and not store.exists()
+    store.write_bytes(b"junk" * 40)
+    assert main(["bench", str(ROOT / "data/bench/default.toml"), "--store", str(store), "--dry-run"]) == 2
+    assert "left untouched" in capsys.readouterr().err and store.read_bytes() == b"junk" * 40
