@@ -200,7 +200,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{time.perf_counter() - start:.0f} s")
         for fmt in args.export:
             out = Path(args.store).with_suffix(f".{fmt}")
-            (store.to_csv if fmt == "csv" else store.to_parquet)(out)
+            if fmt == "md":
+                from .bench import report
+
+                atomic_write_text(out, report.leaderboard(report.summary(store.table()), spec.hardware) + "\n")
+            else:
+                (store.to_csv if fmt == "csv" else store.to_parquet)(out)
             print(f"wrote {out}")
     return 0
 
@@ -284,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a TOML spec (default: data/bench/default.toml; data/bench/full.toml is the full sweep)")
     bench.add_argument("--store", default=str(Path("build") / "bench" / "default.sqlite"),
                        help="the SQLite results store (created if missing; an interrupted sweep resumes from it)")
-    bench.add_argument("--export", nargs="*", choices=("csv", "parquet"), default=[],
-                       help="also write the runs table beside the store")
+    bench.add_argument("--export", nargs="*", choices=("csv", "parquet", "md"), default=[],
+                       help="also write, beside the store, the runs table (csv, parquet) or the Markdown leaderboard (md)")
     bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
     bench.set_defaults(func=cmd_bench)
     return parser

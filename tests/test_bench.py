@@ -6,6 +6,7 @@ import copy
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -315,3 +316,45 @@ def test_cli_validates_a_spec_before_running_and_reports_bad_stores(tmp_path, ca
     store.write_bytes(b"junk" * 40)
     assert main(["bench", str(ROOT / "data/bench/default.toml"), "--store", str(store), "--dry-run"]) == 2
     assert "left untouched" in capsys.readouterr().err and store.read_bytes() == b"junk" * 40
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+def synthetic_table() -> pd.DataFrame:
+    """Three seeds of a baseline, a method worse at every seed, and one that is not measurably different."""
+    rows = []
+    for seed, base in enumerate([0.90, 0.88, 0.92]):
+        for method, family, point, acc, lat in [("baseline", "reference", None, base, 1.0),
+                                                 ("magnitude_prune", "pruning_sharing", 4.0, base - 0.05, 0.5),
+                                                 ("ptq", "quantization", 4.0, base + (0.01, -0.01, 0.0)[seed], 0.8)]:
+            rows.append({"key": f"{method}{seed}", "method": method, "family": family, "point": point, "task": "classification",
+                         "dataset": "shapes", "arch": "vgg", "seed": seed, "metric.accuracy": acc,
+                         "host.latency_ratio [measured]": lat, "int8_npu.est_latency_s [estimated]": lat * 1e-3})
+    return pd.DataFrame(rows)
+
+
+def test_summary_pairs_each_seed_with_its_baseline_and_calls_differences_only_when_every_seed_agrees():
+    from survey_lib.bench import report
+
+    summ = report.summary(synthetic_table()).set_index("method")
+    assert summ.loc["magnitude_prune", "delta"] == pytest.approx(-0.05)
+    assert summ.loc["magnitude_prune", "verdict"] == "worse at every seed"
+    assert summ.loc["ptq", "verdict"] == "no measurable difference"
+    assert summ.loc["ptq", "seeds"] == 3 and summ.loc["ptq", "metric_std"] == pytest.approx(np.std([0.91, 0.87, 0.92], ddof=1))
+    one_seed = report.summary(synthetic_table().query("seed == 0")).set_index("method")
+    assert one_seed.loc["magnitude_prune", "verdict"].startswith("no verdict (1 seed")
+
+
+def test_ranking_leaves_out_methods_worse_at_every_seed_and_orders_by_the_hardwares_figure():
+    from survey_lib.bench import report
+
+    summ = report.summary(synthetic_table())
+    host = report.ranking(summ, "host")
+    assert list(host["method"]) == ["ptq", "baseline"] and list(host["rank"]) == [1, 2]
+    assert list(report.ranking(summ, "int8_npu")["method"]) == ["ptq", "baseline"]
+    with pytest.raises(ValueError, match="not in the store"):
+        report.ranking(summ, "mcu_cortex_m7")
+    md = report.leaderboard(summ, ("host", "int8_npu"))
+    assert "### classification on shapes (vgg), accuracy" in md
+    assert "| pruning_sharing | magnitude_prune | 4 | 3 | 0.850 | -0.050 | -0.050 to -0.050 | worse at every seed |" in md
