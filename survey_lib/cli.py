@@ -192,8 +192,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 0
         start = time.perf_counter()
         with _bench_bar(len(runs) - stored) as bar:
-            runner.compress(spec, store, progress=lambda done, total, run: bar.update(1))
-        print(f"phase 1 (compress, evaluate, count, estimate): {time.perf_counter() - start:.0f} s")
+            runner.compress(spec, store, n_jobs=args.jobs, threads=args.threads, progress=lambda done, total, run: bar.update(1))
+        print(f"phase 1 (compress, evaluate, count, estimate; {args.jobs} process(es)): {time.perf_counter() - start:.0f} s")
         start = time.perf_counter()
         timed = runner.time_runs(spec, store)
         print(f"phase 2 (latency, measured serially: nothing else ran on these cores): {timed} runs timed in "
@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the SQLite results store (created if missing; an interrupted sweep resumes from it)")
     bench.add_argument("--export", nargs="*", choices=("csv", "parquet", "md"), default=[],
                        help="also write, beside the store, the runs table (csv, parquet) or the Markdown leaderboard (md)")
+    bench.add_argument("--jobs", type=positive_int, default=1,
+                       help="processes for phase 1 on this machine (joblib); latency is always measured serially after it")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="torch threads per process (default: the usable cores shared out among --jobs)")
     bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -275,11 +275,11 @@ def test_a_sweep_stores_every_run_once_and_resumes_where_it_stopped(tmp_path, mo
     real = runner.execute
     calls = []
 
-    def flaky(run, hardware):
+    def flaky(run, hardware, threads=None):
         calls.append(run.key)
         if len(calls) == 2:
             raise KeyboardInterrupt   # the sweep is interrupted during its second run
-        return real(run, hardware)
+        return real(run, hardware, threads)
 
     monkeypatch.setattr(runner, "execute", flaky)
     with bench.ResultsStore(path) as store, pytest.raises(KeyboardInterrupt):
@@ -358,3 +358,57 @@ def test_ranking_leaves_out_methods_worse_at_every_seed_and_orders_by_the_hardwa
     md = report.leaderboard(summ, ("host", "int8_npu"))
     assert "### classification on shapes (vgg), accuracy" in md
     assert "| pruning_sharing | magnitude_prune | 4 | 3 | 0.850 | -0.050 | -0.050 to -0.050 | worse at every seed |" in md
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """A runs table without what differs between two executions of the same runs (timings, dates)."""
+    drop = [c for c in table.columns if c in ("seconds", "created") or "latency" in c or "[measured]" in c]
+    return table.drop(columns=drop).sort_values("key").reset_index(drop=True)
+
+
+def test_parallel_workers_give_the_same_rows_as_the_sequential_path(tmp_path):
+    from survey_lib.bench import runner
+
+    spec = tiny_spec({"magnitude_prune": [4], "ptq": [8]})
+    with bench.ResultsStore(tmp_path / "seq.sqlite") as seq, bench.ResultsStore(tmp_path / "par.sqlite") as par:
+        assert runner.compress(spec, seq, threads=1) == 3
+        assert runner.compress(spec, par, n_jobs=2, threads=1) == 3
+        a, b = comparable(seq.table()), comparable(par.table())
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+    assert set(a["method"]) == {"baseline", "magnitude_prune", "ptq"}
+
+
+def test_a_killed_sweep_process_resumes_to_the_same_rows_as_an_uninterrupted_one(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text('[bench]\nname = "kill"\nbaseline_profile = "default"\nfinetune_epochs = 1\nseeds = [0]\n'
+                         'hardware = ["int8_npu"]\n[[targets]]\ntask = "classification"\ndataset = "digits"\narch = "vgg"\n'
+                         '[methods]\nmagnitude_prune = [2, 4, 8]\nptq = [4, 8]\n')
+    cmd = [sys.executable, "-m", "survey_lib.cli", "bench", str(spec_path), "--jobs", "1", "--threads", "1", "--store"]
+    killed = tmp_path / "killed.sqlite"
+    proc = subprocess.Popen(cmd + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:   # kill it once it has stored a run or two
+        if killed.exists():
+            with bench.ResultsStore(killed) as store:
+                if len(store) >= 2:
+                    break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with bench.ResultsStore(killed) as store:
+        stopped_at = len(store)
+    assert 2 <= stopped_at < 6
+    subprocess.run(cmd + [str(killed)], check=True, stdout=subprocess.DEVNULL)
+    whole = tmp_path / "whole.sqlite"
+    subprocess.run(cmd + [str(whole)], check=True, stdout=subprocess.DEVNULL)
+    with bench.ResultsStore(killed) as k, bench.ResultsStore(whole) as w:
+        assert len(k) == len(w) == 6
+        assert len(k.costs()) == len(w.costs())   # no cost figure lost or written twice
+        pd.testing.assert_frame_equal(comparable(k.table()), comparable(w.table()), rtol=1e-6)

@@ -57,16 +57,18 @@ def cost_rows(report: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def execute(run: Run, hardware: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]], nn.Module]:
-    """One run: the method on the shared baseline, its test metrics and its cost figures (no latency)."""
+def execute(run: Run, hardware: Sequence[str], threads: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], nn.Module]:
+    """One run: the method on the shared baseline, its test metrics and its cost figures (no latency), at
+    ``threads`` torch threads (default: every usable core)."""
     from ..cost import profile
     from ..host import host_info
     from ..profiles import seed_everything
 
+    threads = usable_cores() if threads is None else threads
     method = get_method(run.method)
     base = _baseline(run)
     ctx = _context(base, run)
-    seed_everything(run.seed, threads=None)
+    seed_everything(run.seed, threads=threads)
     start = time.perf_counter()
     model = method.apply(base.model, ctx, run.point)
     seconds = time.perf_counter() - start
@@ -76,20 +78,49 @@ def execute(run: Run, hardware: Sequence[str]) -> tuple[dict[str, Any], list[dic
     info = host_info()
     row = {"key": run.key, "method": run.method, "family": method.family, "point": run.point, "task": run.task,
            "dataset": run.dataset, "arch": run.arch, "seed": run.seed,
-           "config": {"baseline_profile": run.baseline_profile, "finetune_epochs": run.finetune_epochs,
+           "config": {"baseline_profile": run.baseline_profile, "finetune_epochs": run.finetune_epochs, "threads": threads,
                       "lr": base.config["lr"], "batch_size": base.config["batch_size"], "point_meaning": method.point},
            "metrics": metrics, "versions": {k: info[k] for k in VERSION_KEYS if k in info},
            "host": {k: v for k, v in info.items() if k not in VERSION_KEYS}, "seconds": seconds}
     return row, cost_rows(report), model
 
 
-def compress(spec: Spec, store: ResultsStore, *, progress: Callable[[int, int, Run], None] | None = None) -> int:
-    """Phase 1: execute every run of ``spec`` that ``store`` lacks, in order; returns how many ran."""
+def usable_cores() -> int:
+    """The CPU cores this process may use."""
+    from ..host import host_info
+
+    return int(host_info()["usable_cpus"])
+
+
+def _execute_and_save(run: Run, hardware: Sequence[str], threads: int, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """In a worker: :func:`execute`, then save the model atomically (the parent writes the row)."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)   # any library that opens its own pool sizes it to this worker's share
+    row, costs, model = execute(run, hardware, threads)
+    atomic_torch_save(path, model)
+    return row, costs
+
+
+def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, threads: int | None = None,
+             progress: Callable[[int, int, Run], None] | None = None) -> int:
+    """Phase 1: execute every run of ``spec`` that ``store`` lacks, in order, in ``n_jobs`` processes on this
+    machine (joblib) at ``threads`` torch threads each (default: the usable cores shared out, at least 1).
+    Only this process writes the store, one run per transaction, in spec order; returns how many ran."""
+    from .._validate import check_int
+
+    n_jobs = check_int("n_jobs", n_jobs, min_value=1, max_value=256)
+    threads = max(1, usable_cores() // n_jobs) if threads is None else check_int("threads", threads, min_value=1, max_value=256)
     todo = [r for r in spec.runs() if not store.has(r.key)]
-    for i, run in enumerate(todo):
-        row, costs, model = execute(run, spec.hardware)
-        atomic_torch_save(model_path(store, run.key), model)   # before the row: a stored run always has its model
-        store.add_run(row, costs)
+    jobs = [(run, tuple(spec.hardware), threads, model_path(store, run.key)) for run in todo]
+    if n_jobs == 1:
+        results: Iterable[tuple[dict[str, Any], list[dict[str, Any]]]] = (_execute_and_save(*job) for job in jobs)
+    else:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_execute_and_save)(*job) for job in jobs)
+    for i, (run, (row, costs)) in enumerate(zip(todo, results)):
+        store.add_run(row, costs)   # after its model was saved: a stored run always has its model
         if progress is not None:
             progress(i + 1, len(todo), run)
     return len(todo)

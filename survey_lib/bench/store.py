@@ -61,7 +61,7 @@ def check_store_file(path: str | os.PathLike) -> None:
     if version != SCHEMA_VERSION:
         raise StoreError(f"store {str(path)!r} has schema version {version}; this library reads version {SCHEMA_VERSION}. "
                          "It was left untouched: export it with the library that wrote it, or choose another path")
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    conn = sqlite3.connect(path)   # read-write: a sweep killed mid-write left a journal, which SQLite rolls back here
     try:
         result = conn.execute("PRAGMA quick_check").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
