@@ -239,3 +239,35 @@ def test_default_memory_level_per_target():
     # Same work, same energy table: on-chip SRAM (the MCU's default) costs far less than DRAM.
     assert estimate_energy(1e6, 1e6, mcu) < estimate_energy(1e6, 1e6, mcu, level="dram") / 10
     assert estimate_latency(0, 8e6, mcu) == pytest.approx(8e6 / mcu.bandwidth_bytes_per_s["sram"])
+
+
+def test_estimated_targets_come_from_data_files_with_a_source_for_every_figure():
+    from survey_lib.cost import hardware as H
+
+    for name in H.TARGET_FILES:
+        path = H.hardware_dir() / f"{name}.toml"
+        hw = H.load_target(path)
+        assert hw.name == name and hw.extra["file"] == str(path)
+        figures = [(g, k) for g, table in (("peak_macs_per_s", hw.peak_macs_per_s), ("bandwidth_bytes_per_s", hw.bandwidth_bytes_per_s))
+                   for k in table]
+        assert len(hw.sources) == len(figures) + 1   # one source per figure, plus the energy table's
+        assert all(any(src.startswith(f"{g}.{k}: ") for src in hw.sources) for g, k in figures)
+    assert H.get_hardware("mobile_big_core").peak("fp32") == 8 * 2.8e9   # 2 FMA pipes x 4 lanes at 2.8 GHz
+
+
+@pytest.mark.parametrize("text, message", [
+    ('name = "x"\ndescription = "d"\n[peak_macs_per_s.fp32]\nvalue = 1e9\n[bandwidth_bytes_per_s.dram]\nvalue = 1e9\nsource = "s"\n',
+     "peak_macs_per_s.fp32 needs exactly a value and a source"),
+    ('name = "x"\ndescription = "d"\n[peak_macs_per_s.fp8]\nvalue = 1e9\nsource = "s"\n[bandwidth_bytes_per_s.dram]\nvalue = 1e9\nsource = "s"\n',
+     "precisions \\['fp8'\\] are unknown"),
+    ('name = "x"\ndescription = "d"\ndefault_level = "sram"\n[peak_macs_per_s.fp32]\nvalue = 1e9\nsource = "s"\n'
+     '[bandwidth_bytes_per_s.dram]\nvalue = 1e9\nsource = "s"\n', "default_level 'sram' has no bandwidth entry"),
+    ('name = "x"\n[peak', "not valid TOML"),
+])
+def test_a_bad_hardware_file_is_rejected_naming_the_entry(tmp_path, text, message):
+    from survey_lib.cost import hardware as H
+
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        H.load_target(path)

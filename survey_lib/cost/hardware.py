@@ -92,64 +92,59 @@ class HardwareProfile:
         return asdict(self)
 
 
-# --- estimated targets -------------------------------------------------------------------------
+# --- estimated targets ---------------------------------------------------------------------------
+# Each target is a data file, data/hardware/<name>.toml: every peak and bandwidth figure with the public
+# document it is derived from (its `source`). The energy table above (Horowitz) applies to all of them.
+TARGET_FILES = ("mobile_big_core", "mcu_cortex_m7", "int8_npu")
 
-# Arm Cortex-A76 class big core at 2.8 GHz (e.g. Snapdragon 855 prime core 2.84 GHz).
-# Two 128-bit ASIMD FMA pipes (Cortex-A76 Software Optimization Guide, FMLA throughput 2/cycle):
-#   fp32: 2 pipes x 4 lanes = 8 MAC/cycle -> 22.4 GMAC/s
-#   fp16: 2 pipes x 8 lanes = 16 MAC/cycle -> 44.8 GMAC/s (Armv8.2 FP16 arithmetic)
-#   int8: SDOT, 16 MACs per 128-bit instruction x 2 pipes = 32 MAC/cycle -> 89.6 GMAC/s
-# DRAM: LPDDR4X-4266 on a 64-bit bus = 34.1 GB/s per SoC; one core sustains roughly half: 15 GB/s.
-# SRAM (L1): 2 x 128-bit loads/cycle = 32 B/cycle x 2.8 GHz = 89.6 GB/s.
-_A76_GHZ = 2.8e9
-MOBILE_BIG_CORE = HardwareProfile(
-    name="mobile_big_core",
-    description="Arm Cortex-A76-class phone core at 2.8 GHz, NEON (2x128-bit FMA), LPDDR4X (estimated)",
-    peak_macs_per_s={"fp32": 8 * _A76_GHZ, "fp16": 16 * _A76_GHZ, "int8": 32 * _A76_GHZ},
-    bandwidth_bytes_per_s={"dram": 15e9, "sram": 32 * _A76_GHZ},
-    sources=[
-        "Arm Cortex-A76 Software Optimization Guide (Arm, 2018): ASIMD FMLA/SDOT throughput 2 per cycle",
-        "JEDEC JESD209-4 LPDDR4/LPDDR4X: 4266 MT/s x 64-bit bus = 34.1 GB/s",
-        HOROWITZ,
-    ],
-)
 
-# STM32H743 (Cortex-M7 at 480 MHz).
-#   fp32: FPv5 single-precision VFMA, at most 1 MAC/cycle -> 0.48 GMAC/s (loads compete in practice)
-#   fp16: no fp16 arithmetic on FPv5 (conversion only): same as fp32
-#   int8: SMLAD does 2 16-bit MACs/cycle after SXTB16 unpacking; CMSIS-NN reaches ~2 MAC/cycle -> 0.96 GMAC/s
-# SRAM: DTCM 64-bit at 480 MHz = 3.84 GB/s.  Flash: 256-bit lines at 240 MHz with wait states, ~1 GB/s
-# sustained (estimate).  DRAM: external SDRAM via FMC, 32-bit at 100 MHz = 0.4 GB/s.
-_M7_HZ = 480e6
-MCU_CORTEX_M7 = HardwareProfile(
-    name="mcu_cortex_m7",
-    description="STM32H7-class Cortex-M7 MCU at 480 MHz, CMSIS-NN int8, on-chip SRAM + flash (estimated)",
-    peak_macs_per_s={"fp32": 1 * _M7_HZ, "fp16": 1 * _M7_HZ, "int8": 2 * _M7_HZ},
-    bandwidth_bytes_per_s={"sram": 8 * _M7_HZ, "flash": 1.0e9, "dram": 0.4e9},
-    default_level="sram",
-    sources=[
-        "STMicroelectronics STM32H742xI/743xI datasheet DS12110 (480 MHz Cortex-M7, TCM, AXI SRAM, flash, FMC)",
-        "Arm Cortex-M7 Technical Reference Manual (FPv5, DSP SMLAD)",
-        "L. Lai, N. Suda, V. Chandra, 'CMSIS-NN: Efficient Neural Network Kernels for Arm Cortex-M CPUs', arXiv:1801.06601, 2018",
-        HOROWITZ,
-    ],
-)
+def hardware_dir() -> Path:
+    """The folder of the hardware data files: $SURVEY_LIB_HARDWARE_DIR or <project>/data/hardware."""
+    env = os.environ.get("SURVEY_LIB_HARDWARE_DIR")
+    if env:
+        return Path(env)
+    from ..results import project_root
 
-# Arm Ethos-U55 micro-NPU, largest configuration: 256 int8 MACs/cycle at 500 MHz -> 128 GMAC/s
-# (= 0.256 TOPS, counting a MAC as 2 ops).  int8 (and int16) only: no fp32/fp16 entry.
-# SRAM: 64-bit AXI at 500 MHz = 4 GB/s.  Off-chip flash/DRAM via the second AXI port: ~1 GB/s (estimate).
-ETHOS_U55 = HardwareProfile(
-    name="int8_npu",
-    description="Arm Ethos-U55-class micro-NPU, 256 int8 MACs/cycle at 500 MHz, int8 only (estimated)",
-    peak_macs_per_s={"int8": 256 * 500e6},
-    bandwidth_bytes_per_s={"sram": 8 * 500e6, "dram": 1.0e9},
-    default_level="sram",
-    sources=[
-        "Arm Ethos-U55 product page and Technical Reference Manual: 32-256 MACs/cycle, int8/int16, 0.5 TOPS class",
-        HOROWITZ,
-    ],
-)
+    for root in (project_root(Path(__file__).parent), project_root()):
+        if (root / "data" / "hardware").is_dir():
+            return root / "data" / "hardware"
+    raise FileNotFoundError("survey_lib's hardware data files are missing: expected data/hardware beside the project's "
+                            "pyproject.toml (install the project with pip install -e .), or set SURVEY_LIB_HARDWARE_DIR")
 
+
+def load_target(path: str | os.PathLike) -> HardwareProfile:
+    """An estimated hardware profile from its TOML data file (ValueError naming the file and the bad entry)."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"hardware file {str(path)!r} is not valid TOML: {err}") from err
+    figures: dict[str, dict[str, float]] = {}
+    sources: list[str] = []
+    for group in ("peak_macs_per_s", "bandwidth_bytes_per_s"):
+        table = raw.get(group)
+        if not isinstance(table, dict) or not table:
+            raise ValueError(f"hardware file {str(path)!r}: a [{group}.<name>] table with value and source is required")
+        figures[group] = {}
+        for key, entry in table.items():
+            if not isinstance(entry, dict) or set(entry) != {"value", "source"} or not entry["source"]:
+                raise ValueError(f"hardware file {str(path)!r}: {group}.{key} needs exactly a value and a source")
+            figures[group][key] = check_float(f"{path.name}: {group}.{key}", entry["value"], min_value=0.0)
+            sources.append(f"{group}.{key}: {entry['source']}")
+    unknown = set(figures["peak_macs_per_s"]) - set(PRECISIONS)
+    if unknown:
+        raise ValueError(f"hardware file {str(path)!r}: precisions {sorted(unknown)} are unknown; accepted: {list(PRECISIONS)}")
+    level = raw.get("default_level", "dram")
+    if level not in figures["bandwidth_bytes_per_s"]:
+        raise ValueError(f"hardware file {str(path)!r}: default_level {level!r} has no bandwidth entry")
+    return HardwareProfile(name=str(raw["name"]), description=str(raw["description"]), kind=str(raw.get("kind", "estimated")),
+                           peak_macs_per_s=figures["peak_macs_per_s"], bandwidth_bytes_per_s=figures["bandwidth_bytes_per_s"],
+                           default_level=level, sources=sources + [HOROWITZ], extra={"file": str(path)})
+
+
+MOBILE_BIG_CORE, MCU_CORTEX_M7, ETHOS_U55 = (load_target(hardware_dir() / f"{n}.toml") for n in TARGET_FILES)
 _TARGETS = {p.name: p for p in (MOBILE_BIG_CORE, MCU_CORTEX_M7, ETHOS_U55)}
 HARDWARE_NAMES = ("host",) + tuple(_TARGETS)
 
