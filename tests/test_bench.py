@@ -412,3 +412,14 @@ def test_a_killed_sweep_process_resumes_to_the_same_rows_as_an_uninterrupted_one
         assert len(k) == len(w) == 6
         assert len(k.costs()) == len(w.costs())   # no cost figure lost or written twice
         pd.testing.assert_frame_equal(comparable(k.table()), comparable(w.table()), rtol=1e-6)
+
+
+def test_run_keys_follow_the_library_code(monkeypatch):
+    run = SP.parse_spec(good_spec()).runs()[0]
+    before = run.key
+    SP.bench_code_fingerprint.cache_clear()
+    monkeypatch.setattr("survey_lib.baselines.code_fingerprint", lambda: "another version")
+    try:
+        assert run.key != before
+    finally:
+        SP.bench_code_fingerprint.cache_clear()

@@ -7,6 +7,7 @@ same fine-tuning budget (``finetune_epochs``); the spec states both, and both ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,11 +47,25 @@ class Run:
 
     @property
     def key(self) -> str:
-        """A stable digest of everything that decides the run's result (library code included)."""
-        from ..baselines import code_fingerprint
-
-        text = json.dumps({**asdict(self), "code": code_fingerprint()}, sort_keys=True)
+        """A stable digest of everything that decides the run's result, the library code included."""
+        text = json.dumps({**asdict(self), "code": bench_code_fingerprint()}, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def bench_code_fingerprint() -> str:
+    """A hash of the source that decides a run's result: the baselines' code, every method, the cost report
+    and the runner. Editing any of it gives every run a new key, so a store never mixes code versions."""
+    from ..baselines import code_fingerprint
+
+    package = Path(__file__).resolve().parents[1]
+    files = sorted([*package.glob("methods/*.py"), *package.glob("cost/*.py"), package / "deploy.py", package / "stats.py",
+                    package / "bench" / "registry.py", package / "bench" / "runner.py"])
+    digest = hashlib.sha256(code_fingerprint().encode())
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
