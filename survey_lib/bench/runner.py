@@ -10,6 +10,7 @@ while nothing else runs: latency is never measured while other work shares the c
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
@@ -35,9 +36,15 @@ def model_path(store: ResultsStore, key: str) -> Path:
 
 
 def _baseline(run: Run) -> Any:
+    return _load_baseline(run.task, run.dataset, run.baseline_profile, run.seed, run.arch)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str) -> Any:
+    """A baseline, loaded (and evaluated) once per process: every method reads it and none changes it."""
     from ..baselines import baseline
 
-    return baseline(run.task, run.dataset, profile=run.baseline_profile, seed=run.seed, arch=run.arch)
+    return baseline(task, dataset, profile=profile, seed=seed, arch=arch)
 
 
 def _context(base: Any, run: Run) -> Any:
