@@ -6,6 +6,7 @@ import argparse
 import html
 import json
 import os
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -198,14 +199,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         timed = runner.time_runs(spec, store)
         print(f"phase 2 (latency, measured serially: nothing else ran on these cores): {timed} runs timed in "
               f"{time.perf_counter() - start:.0f} s")
+        keys = [r.key for r in runs]   # this spec's runs only: a store may also hold other specs' runs
         for fmt in args.export:
             out = Path(args.store).with_suffix(f".{fmt}")
             if fmt == "md":
                 from .bench import report
 
-                atomic_write_text(out, report.leaderboard(report.summary(store.table()), spec.hardware) + "\n")
+                atomic_write_text(store._export_path(out), report.leaderboard(report.summary(store.table(keys)), spec.hardware) + "\n")
             else:
-                (store.to_csv if fmt == "csv" else store.to_parquet)(out)
+                (store.to_csv if fmt == "csv" else store.to_parquet)(out, keys)
             print(f"wrote {out}")
     return 0
 
@@ -221,9 +223,9 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
 
 
@@ -305,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, sqlite3.Error) as exc:
         print(f"survey-lib: error: {exc}", file=sys.stderr)
         return 2
 

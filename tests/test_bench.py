@@ -125,6 +125,13 @@ def test_spec_lists_runs_with_the_shared_budget_and_stable_keys():
     (lambda s: s["bench"].update(colour="red"), r"unknown key\(s\) \['colour'\] in \[bench\]"),
     (lambda s: s.pop("targets"), r"\[\[targets\]\] table is required"),
     (lambda s: s.pop("bench"), r"\[bench\] table is required"),
+    (lambda s: s["bench"].update(hardware=["host", "host"]), r"\[bench\].hardware lists \['host'\] more than once"),
+    (lambda s: s["targets"].append(dict(s["targets"][0])), r"\[\[targets\]\] lists \['classification/shapes/vgg'\]"),
+    (lambda s: s["methods"].update(magnitude_prune=[4, 4.0]), r"\[methods\].magnitude_prune lists \['4.0'\]"),
+    (lambda s: (s["methods"].update(kd_thin_student=[32]), s["targets"][0].update(dataset="digits")),
+     r"kd_thin_student: operating point 32.0 does not apply to classification/digits/vgg: .*smallest width"),
+    (lambda s: s["bench"].update(expected_minutes=float("nan")), r"expected_minutes must be a positive number"),
+    (lambda s: s["bench"].update(name=" "), r"name must be a non-empty string"),
 ])
 def test_a_bad_spec_is_rejected_naming_the_entry(change, message):
     raw = good_spec()
@@ -190,8 +197,21 @@ def test_a_run_is_written_whole_or_not_at_all(tmp_path):
         assert len(store) == 0 and store.costs().empty
 
 
+def test_store_takes_numpy_scalars_and_keeps_figures_that_do_not_apply(tmp_path):
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        assert store.add_run(run_row("a", seed=np.int64(2), point=np.float32(4.0), metrics={"accuracy": np.float32(0.5)}),
+                             costs(value=float("nan")))
+        assert store.runs().loc[0, "seed"] == 2 and np.isnan(store.costs().set_index("name").loc["params", "value"])
+        with pytest.raises(ValueError, match="store itself"):
+            store.to_csv(tmp_path / "s.sqlite")
+
+
 def test_store_rejects_bad_rows(tmp_path):
     with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(TypeError, match="seed"):
+            store.add_run(run_row("a", seed="zero"))
+        with pytest.raises(ValueError, match="missing"):
+            store.add_run(run_row("a"), [{"hardware": "any", "value": 1, "kind": "counted"}])
         with pytest.raises(ValueError, match="kind"):
             store.add_run(run_row("a"), costs(kind="guessed"))
         with pytest.raises(ValueError, match="missing"):
@@ -211,10 +231,13 @@ def test_a_corrupted_or_foreign_store_is_reported_and_left_untouched(tmp_path, m
         conn.execute("CREATE TABLE runs (x)")
         conn.commit()
         conn.close()
-    elif make == "empty_sqlite":
-        sqlite3.connect(path).close()
-        path.write_bytes(b"")
-        path.write_bytes(b"SQLite format 3\x00" + bytes(84))
+    elif make == "empty_sqlite":   # our header (application id, version) on a database without the tables
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE other (x)")
+        conn.execute(f"PRAGMA application_id = {ST.APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {ST.SCHEMA_VERSION}")
+        conn.commit()
+        conn.close()
     else:
         with bench.ResultsStore(path) as store:
             for i in range(30):
@@ -344,6 +367,10 @@ def test_summary_pairs_each_seed_with_its_baseline_and_calls_differences_only_wh
     assert summ.loc["ptq", "seeds"] == 3 and summ.loc["ptq", "metric_std"] == pytest.approx(np.std([0.91, 0.87, 0.92], ddof=1))
     one_seed = report.summary(synthetic_table().query("seed == 0")).set_index("method")
     assert one_seed.loc["magnitude_prune", "verdict"].startswith("no verdict (1 seed")
+    unpaired = synthetic_table().query("not (method == 'baseline' and seed == 2)")   # 3 seeds, 2 with a baseline
+    assert report.summary(unpaired).set_index("method").loc["magnitude_prune", "verdict"].startswith("no verdict (2 seeds")
+    with pytest.raises(ValueError, match="more than one baseline"):
+        report.summary(pd.concat([synthetic_table(), synthetic_table().query("method == 'baseline'")]))
 
 
 def test_ranking_leaves_out_methods_worse_at_every_seed_and_orders_by_the_hardwares_figure():
@@ -362,7 +389,8 @@ def test_ranking_leaves_out_methods_worse_at_every_seed_and_orders_by_the_hardwa
 
 def comparable(table: pd.DataFrame) -> pd.DataFrame:
     """A runs table without what differs between two executions of the same runs (timings, dates)."""
-    drop = [c for c in table.columns if c in ("seconds", "created") or "latency" in c or "[measured]" in c]
+    drop = [c for c in table.columns if c in ("seconds", "created") or c.startswith("host.latency") or
+            (c.endswith("[measured]") and "stored" not in c)]
     return table.drop(columns=drop).sort_values("key").reset_index(drop=True)
 
 
@@ -376,6 +404,7 @@ def test_parallel_workers_give_the_same_rows_as_the_sequential_path(tmp_path):
         a, b = comparable(seq.table()), comparable(par.table())
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
     assert set(a["method"]) == {"baseline", "magnitude_prune", "ptq"}
+    assert "int8_npu.est_latency_s [estimated]" in a.columns and "any.stored_bytes [measured]" in a.columns
 
 
 def test_a_killed_sweep_process_resumes_to_the_same_rows_as_an_uninterrupted_one(tmp_path):

@@ -252,7 +252,14 @@ def test_estimated_targets_come_from_data_files_with_a_source_for_every_figure()
                    for k in table]
         assert len(hw.sources) == len(figures) + 1   # one source per figure, plus the energy table's
         assert all(any(src.startswith(f"{g}.{k}: ") for src in hw.sources) for g, k in figures)
-    assert H.get_hardware("mobile_big_core").peak("fp32") == 8 * 2.8e9   # 2 FMA pipes x 4 lanes at 2.8 GHz
+    expected = {  # the figures as the code derived them before they moved to the data files
+        "mobile_big_core": ({"fp32": 8 * 2.8e9, "fp16": 16 * 2.8e9, "int8": 32 * 2.8e9}, {"dram": 15e9, "sram": 32 * 2.8e9}),
+        "mcu_cortex_m7": ({"fp32": 1 * 480e6, "fp16": 1 * 480e6, "int8": 2 * 480e6}, {"sram": 8 * 480e6, "flash": 1.0e9, "dram": 0.4e9}),
+        "int8_npu": ({"int8": 256 * 500e6}, {"sram": 8 * 500e6, "dram": 1.0e9}),
+    }
+    for name, (peaks, bandwidths) in expected.items():
+        hw = H.get_hardware(name)
+        assert hw.peak_macs_per_s == peaks and hw.bandwidth_bytes_per_s == bandwidths, name
 
 
 @pytest.mark.parametrize("text, message", [
@@ -263,6 +270,14 @@ def test_estimated_targets_come_from_data_files_with_a_source_for_every_figure()
     ('name = "x"\ndescription = "d"\ndefault_level = "sram"\n[peak_macs_per_s.fp32]\nvalue = 1e9\nsource = "s"\n'
      '[bandwidth_bytes_per_s.dram]\nvalue = 1e9\nsource = "s"\n', "default_level 'sram' has no bandwidth entry"),
     ('name = "x"\n[peak', "not valid TOML"),
+    ('name = "x"\ndescription = "d"\ndefault_levle = "sram"\n', r"unknown key\(s\) \['default_levle'\]"),
+    ('name = "y"\ndescription = "d"\n', "name 'y' must match the file name 'x'"),
+    ('name = "x"\ndescription = "d"\nkind = "measured"\n', "kind must be 'estimated'"),
+    ('description = "d"\n', "name must be a non-empty string"),
+    ('name = "x"\ndescription = "d"\n[peak_macs_per_s.fp32]\nvalue = 0\nsource = "s"\n[bandwidth_bytes_per_s.dram]\nvalue = 1e9\nsource = "s"\n',
+     "out of range"),
+    ('name = "x"\ndescription = "d"\ndefault_level = "l2"\n[peak_macs_per_s.fp32]\nvalue = 1e9\nsource = "s"\n'
+     '[bandwidth_bytes_per_s.l2]\nvalue = 1e9\nsource = "s"\n', r"memory levels \['l2'\] have no energy figure"),
 ])
 def test_a_bad_hardware_file_is_rejected_naming_the_entry(tmp_path, text, message):
     from survey_lib.cost import hardware as H

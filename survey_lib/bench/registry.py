@@ -50,6 +50,8 @@ class Method:
     archs: tuple[str, ...] = ARCHS
     trains: bool = True                          # whether it fine-tunes (for the spec's fine-tuning budget)
     description: str = ""
+    measures_latency: bool = False               # times candidates while it runs: never beside other work
+    target_check: Callable[[float, dict[str, Any]], str | None] | None = field(default=None, repr=False)
 
     def check_point(self, point: Any) -> float | None:
         """``point`` as a float if it applies to this method, else a ValueError naming the valid range."""
@@ -62,6 +64,14 @@ class Method:
             return check_float(f"operating point of {self.name!r} ({self.point})", point, min_value=lo, max_value=hi)
         except TypeError as err:
             raise ValueError(str(err)) from err
+
+    def check_target(self, point: float | None, task: str, dataset: str, arch: str, profile: str) -> str | None:
+        """None if ``point`` can be built on that target's baseline (its config, nothing trained), else why not."""
+        if self.target_check is None or point is None or self.supports(task, arch) is not None:
+            return None
+        from ..baselines import baseline_config
+
+        return self.target_check(point, baseline_config(task, dataset, profile=profile, arch=arch))
 
     def supports(self, task: str, arch: str) -> str | None:
         """None if the method applies to ``task`` on ``arch``, else the reason it does not."""
@@ -174,11 +184,25 @@ def _kd(model: nn.Module, ctx: Context, x: float | None) -> nn.Module:
     return distill(student, ctx, teacher=model)
 
 
+def _student_width_fits(x: float, config: dict[str, Any]) -> str | None:
+    from ..models import min_width
+
+    width, lo = config["width"] / math.sqrt(x), min_width(config["arch"])
+    return None if width >= lo else (f"the student's width {config['width']:g}/sqrt({x:g}) = {width:.3f} is below "
+                                     f"{config['arch']}'s smallest width {lo:.3f}; the largest x here is "
+                                     f"{(config['width'] / lo) ** 2:.1f}")
+
+
 def _search(model: nn.Module, ctx: Context, x: float | None) -> nn.Module:
     from ..methods.search import RewardWeights, data_driven_compress
 
-    return data_driven_compress(model, ctx, weights=RewardWeights(memory=1.0, min_compression=x), episodes=8,
-                                seed=ctx.seed, train_images=512)
+    out = data_driven_compress(model, ctx, weights=RewardWeights(memory=1.0, min_compression=x), episodes=8,
+                               seed=ctx.seed, train_images=512)
+    ratio = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in out.parameters())
+    if ratio < x:
+        raise ValueError(f"rl_search found no candidate {x:g}x smaller in 8 episodes (best {ratio:.1f}x); "
+                         "lower the operating point")
+    return out
 
 
 X_POINTS = (2.0, 4.0, 8.0, 16.0, 32.0)
@@ -198,7 +222,8 @@ _REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("binary_qat", "quantization", ("low_bit_storage",), "", (), None, _binary,
            description="binary weights (sign x per-channel scale), quantization-aware training"),
     Method("tucker2", "low_rank", ("dense_shapes",), "x fewer params in the factorized layers' total (target_param_reduction)",
-           (2.0, 4.0, 8.0), (1.0, 64.0), _tucker, description="Tucker-2 factorization of the convs, then fine-tuning"),
+           (2.0, 4.0, 8.0), (1.0, 64.0), _tucker, archs=CONV_ARCHS,
+           description="Tucker-2 factorization of the convs, then fine-tuning"),
     Method("depthwise_separable", "compact_filters", ("architecture",), "", (), None, _depthwise, archs=CONV_ARCHS,
            description="3x3 convs replaced by depthwise-separable blocks, trained"),
     Method("penni", "compact_filters", ("dense_shapes",), "x fewer basis coefficients (coefficient sparsity 1 - 1/x)",
@@ -206,9 +231,9 @@ _REGISTRY: dict[str, Method] = {m.name: m for m in (
            description="PENNI: kernels shared through a few basis kernels, sparse coefficients, then shrunk"),
     Method("kd_thin_student", "distillation_dynamic", ("architecture", "training"),
            "x fewer params in the student (width / sqrt(x))", (4.0, 16.0), (1.0, 64.0), _kd,
-           description="Hinton KD into a thinner student of the same architecture"),
+           target_check=_student_width_fits, description="Hinton KD into a thinner student of the same architecture"),
     Method("rl_search", "data_driven", ("dense_shapes", "architecture"), "size target x (params_ref / params >= x)",
-           (4.0, 8.0), (1.0, 256.0), _search, archs=("vgg",),
+           (4.0, 8.0), (1.0, 256.0), _search, archs=("vgg",), measures_latency=True,
            description="REINFORCE over layer removal and keep-ratios, candidates trained by KD"),
 )}
 

@@ -30,8 +30,9 @@ MIN_SEEDS = 3   # a verdict needs at least this many seeds
 
 
 def _verdict(low: float, high: float, seeds: int) -> str:
+    """The verdict on a paired change over ``seeds`` seeds (those with a baseline)."""
     if seeds < MIN_SEEDS:
-        return f"no verdict ({seeds} seed{'s' * (seeds != 1)}; needs {MIN_SEEDS})"
+        return f"no verdict ({seeds} seed{'s' * (seeds != 1)} paired with a baseline; needs {MIN_SEEDS})"
     if low > 0:
         return "better at every seed"
     if high < 0:
@@ -46,16 +47,19 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     t = table.copy()
     t["primary"] = _primary(t)
     base = t[t["method"] == REFERENCE].set_index(TARGET + ["seed"])["primary"]
+    if base.index.duplicated().any():
+        raise ValueError("table holds more than one baseline run per target and seed (runs of several specs or code "
+                         "versions); pass the runs of one spec: store.table(keys=[r.key for r in spec.runs()])")
     t["delta"] = t["primary"].to_numpy() - base.reindex(pd.MultiIndex.from_frame(t[TARGET + ["seed"]])).to_numpy()
     t["point"] = t["point"].fillna(-1.0)   # one setting: grouped, shown as "-"
     costs = [c for c in t.columns if c.endswith("]") and "[" in c]
     g = t.groupby(GROUP, sort=False)
-    out = g.agg(seeds=("seed", "nunique"), metric=("primary", "mean"), metric_std=("primary", "std"),
+    out = g.agg(seeds=("seed", "nunique"), paired=("delta", "count"), metric=("primary", "mean"), metric_std=("primary", "std"),
                 delta=("delta", "mean"), delta_low=("delta", "min"), delta_high=("delta", "max"))
     out = out.join(g[costs].mean()).reset_index()
     out["metric_name"] = out["task"].map(PRIMARY)
     out["verdict"] = [_verdict(lo, hi, n) if m != REFERENCE else "" for m, lo, hi, n in
-                      zip(out["method"], out["delta_low"], out["delta_high"], out["seeds"])]
+                      zip(out["method"], out["delta_low"], out["delta_high"], out["paired"])]
     out["point"] = out["point"].where(out["point"] >= 0)
     return out
 

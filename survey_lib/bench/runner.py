@@ -21,7 +21,7 @@ from torch import nn
 
 from .._io import atomic_torch_save
 from .registry import get_method
-from .spec import Run, Spec
+from .spec import Run, Spec, bench_code_fingerprint
 from .store import ResultsStore
 
 LATENCY_NAME = "latency_median_ms"
@@ -77,7 +77,11 @@ def execute(run: Run, hardware: Sequence[str], threads: int | None = None) -> tu
     ctx = _context(base, run)
     seed_everything(run.seed, threads=threads)
     start = time.perf_counter()
-    model = method.apply(base.model, ctx, run.point)
+    try:
+        model = method.apply(base.model, ctx, run.point)
+    except Exception as err:
+        raise RunError(f"run {run.method} at point {run.point} on {run.task}/{run.dataset}/{run.arch}, seed {run.seed} "
+                       f"failed: {err}") from err
     seconds = time.perf_counter() - start
     model.eval()
     metrics = {k: float(v) for k, v in ctx.evaluate(model, "test").items()}
@@ -86,10 +90,15 @@ def execute(run: Run, hardware: Sequence[str], threads: int | None = None) -> tu
     row = {"key": run.key, "method": run.method, "family": method.family, "point": run.point, "task": run.task,
            "dataset": run.dataset, "arch": run.arch, "seed": run.seed,
            "config": {"baseline_profile": run.baseline_profile, "finetune_epochs": run.finetune_epochs, "threads": threads,
+                      "hardware": list(run.hardware), "code": bench_code_fingerprint(),
                       "lr": base.config["lr"], "batch_size": base.config["batch_size"], "point_meaning": method.point},
            "metrics": metrics, "versions": {k: info[k] for k in VERSION_KEYS if k in info},
            "host": {k: v for k, v in info.items() if k not in VERSION_KEYS}, "seconds": seconds}
     return row, cost_rows(report), model
+
+
+class RunError(RuntimeError):
+    """A run whose method failed; the message names the run (method, point, target, seed)."""
 
 
 def usable_cores() -> int:
@@ -100,13 +109,18 @@ def usable_cores() -> int:
 
 
 def _execute_and_save(run: Run, hardware: Sequence[str], threads: int, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """In a worker: :func:`execute`, then save the model atomically (the parent writes the row)."""
-    import os
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)   # any library that opens its own pool sizes it to this worker's share
+    """:func:`execute`, then save the model atomically (the parent writes the row, under its own key)."""
     row, costs, model = execute(run, hardware, threads)
     atomic_torch_save(path, model)
     return row, costs
+
+
+def _in_worker(run: Run, hardware: Sequence[str], threads: int, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`_execute_and_save` in a joblib worker, whose other thread pools are sized to its share."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return _execute_and_save(run, hardware, threads, path)
 
 
 def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, threads: int | None = None,
@@ -118,18 +132,28 @@ def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, threads: int |
 
     n_jobs = check_int("n_jobs", n_jobs, min_value=1, max_value=256)
     threads = max(1, usable_cores() // n_jobs) if threads is None else check_int("threads", threads, min_value=1, max_value=256)
-    todo = [r for r in spec.runs() if not store.has(r.key)]
-    jobs = [(run, tuple(spec.hardware), threads, model_path(store, run.key)) for run in todo]
-    if n_jobs == 1:
-        results: Iterable[tuple[dict[str, Any], list[dict[str, Any]]]] = (_execute_and_save(*job) for job in jobs)
-    else:
+    todo = [r for r in spec.runs() if not store.has(r.key) or not model_path(store, r.key).exists()]
+    if "host" in spec.hardware:
+        from ..cost.hardware import host_profile
+
+        host_profile()   # measured (or read from its cache) here, before any worker trains beside it
+    # methods that time candidates while they run go last, one at a time
+    parallel = [r for r in todo if n_jobs > 1 and not get_method(r.method).measures_latency]
+    serial = [r for r in todo if r not in parallel]
+    job = lambda run: (run, tuple(spec.hardware), threads, model_path(store, run.key))  # noqa: E731
+    results: list[Iterable[tuple[dict[str, Any], list[dict[str, Any]]]]] = []
+    if parallel:
         from joblib import Parallel, delayed
 
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_execute_and_save)(*job) for job in jobs)
-    for i, (run, (row, costs)) in enumerate(zip(todo, results)):
-        store.add_run(row, costs)   # after its model was saved: a stored run always has its model
-        if progress is not None:
-            progress(i + 1, len(todo), run)
+        results.append(Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_in_worker)(*job(r)) for r in parallel))
+    results.append(_execute_and_save(*job(r)) for r in serial)
+    done = 0
+    for runs, outcomes in zip((parallel, serial) if parallel else (serial,), results):
+        for run, (row, costs) in zip(runs, outcomes):
+            store.add_run({**row, "key": run.key}, costs)   # after its model was saved: a stored run has its model
+            done += 1
+            if progress is not None:
+                progress(done, len(todo), run)
     return len(todo)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class Run:
     seed: int
     baseline_profile: str
     finetune_epochs: int
+    hardware: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -54,13 +56,15 @@ class Run:
 
 @functools.lru_cache(maxsize=1)
 def bench_code_fingerprint() -> str:
-    """A hash of the source that decides a run's result: the baselines' code, every method, the cost report
-    and the runner. Editing any of it gives every run a new key, so a store never mixes code versions."""
+    """A hash of what decides a run's result: the baselines' code, every method, the cost report, the runner
+    and the hardware data files. Editing any of it gives every run a new key."""
     from ..baselines import code_fingerprint
 
     package = Path(__file__).resolve().parents[1]
+    from ..cost.hardware import hardware_dir
+
     files = sorted([*package.glob("methods/*.py"), *package.glob("cost/*.py"), package / "deploy.py", package / "stats.py",
-                    package / "bench" / "registry.py", package / "bench" / "runner.py"])
+                    package / "bench" / "registry.py", package / "bench" / "runner.py", *hardware_dir().glob("*.toml")])
     digest = hashlib.sha256(code_fingerprint().encode())
     for path in files:
         digest.update(path.name.encode())
@@ -94,7 +98,8 @@ class Spec:
                     continue
                 for point in points:
                     for seed in self.seeds:
-                        out.append(Run(name, point, t.task, t.dataset, t.arch, seed, self.baseline_profile, self.finetune_epochs))
+                        out.append(Run(name, point, t.task, t.dataset, t.arch, seed, self.baseline_profile,
+                                       self.finetune_epochs, self.hardware))
         return out
 
     def skipped(self) -> list[str]:
@@ -137,11 +142,23 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> Spec:
     hardware = _list(bench, "hardware", str, source, "[bench]")
     for hw in hardware:
         _choice(hw, _hardware_names(), source, "[bench].hardware")
+    _distinct(hardware, source, "[bench].hardware")
     targets = tuple(_target(t, i, source) for i, t in enumerate(_table_list(raw, "targets", source)))
+    _distinct([f"{t.task}/{t.dataset}/{t.arch}" for t in targets], source, "[[targets]]")
     methods = _methods(raw.get("methods"), source)
     expected = bench.get("expected_minutes")
-    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float)) or expected <= 0):
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float))
+                                 or not math.isfinite(expected) or expected <= 0):
         raise SpecError(f"{source}: [bench].expected_minutes must be a positive number, got {expected!r}")
+    if not name.strip() or not isinstance(bench.get("description", ""), str):
+        raise SpecError(f"{source}: [bench].name must be a non-empty string and description a string")
+    for t in targets:
+        for method, points in methods.items():
+            for point in points:
+                problem = get_method(method).check_target(point, t.task, t.dataset, t.arch, profile)
+                if problem:
+                    raise SpecError(f"{source}: [methods].{method}: operating point {point!r} does not apply to "
+                                    f"{t.task}/{t.dataset}/{t.arch}: {problem}")
     spec = Spec(name, profile, epochs, tuple(seeds), tuple(hardware), targets, methods,
                 str(bench.get("description", "")), None if expected is None else float(expected), source)
     from .registry import REFERENCE
@@ -149,6 +166,12 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> Spec:
     if all(r.method == REFERENCE for r in spec.runs()):
         raise SpecError(f"{source}: no method supports any target; nothing to run ({'; '.join(spec.skipped())})")
     return spec
+
+
+def _distinct(values: list[Any], source: str, where: str) -> None:
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise SpecError(f"{source}: {where} lists {repeated} more than once")
 
 
 def _keys(table: dict[str, Any], allowed: set[str], source: str, where: str) -> None:
@@ -225,6 +248,7 @@ def _methods(table: Any, source: str) -> dict[str, tuple[float | None, ...]]:
                 checked.append(method.check_point(p))
             except (TypeError, ValueError) as err:
                 raise SpecError(f"{source}: [methods].{name}: operating point {p!r} does not apply: {err}") from err
+        _distinct(checked, source, f"[methods].{name}")
         out[name] = tuple(checked)
     return out
 

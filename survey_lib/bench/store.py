@@ -10,6 +10,7 @@ corrupted file, another schema version) raises :class:`StoreError` and is left u
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import pandas as pd
 
 from .._io import atomic_write
-from .._validate import check_choice, check_type
+from .._validate import check_choice, check_float, check_int, check_type
 
 APPLICATION_ID = 0x53424E31   # "SBN1" in SQLite's header: a survey_lib benchmark store
 SCHEMA_VERSION = 1
@@ -127,10 +128,10 @@ class ResultsStore:
         """Store ``run`` and its ``costs`` in one transaction; False (and nothing written) if its key is stored."""
         row = _run_row(run)
         cost_rows = [_cost_row(row[0], c) for c in costs]
-        with self.conn:
-            if self.has(row[0]):
+        with self.conn:   # the INSERT opens the transaction: check-and-insert is one atomic step
+            cur = self.conn.execute(f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(RUN_COLUMNS))})", row)
+            if cur.rowcount == 0:
                 return False
-            self.conn.execute(f"INSERT INTO runs VALUES ({', '.join('?' * len(RUN_COLUMNS))})", row)
             self.conn.executemany("INSERT INTO costs VALUES (?, ?, ?, ?, ?, ?)", cost_rows)
         return True
 
@@ -161,28 +162,37 @@ class ResultsStore:
         """Every cost figure, one row each: run, hardware, name, value, kind, unit."""
         return pd.read_sql_query("SELECT * FROM costs ORDER BY run, hardware, name", self.conn)
 
-    def table(self) -> pd.DataFrame:
-        """Runs with their metrics flattened (``metric.NAME``) and one column per cost figure
-        (``HARDWARE.NAME [kind]``): the wide table that exports and leaderboards read."""
+    def table(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
+        """Runs (those in ``keys``, if given) with their metrics flattened (``metric.NAME``) and one column per
+        cost figure (``HARDWARE.NAME [kind]``): the wide table that exports and leaderboards read."""
         runs = self.runs()
+        if keys is not None:
+            runs = runs[runs["key"].isin(set(keys))].reset_index(drop=True)
         metrics = pd.json_normalize(runs["metrics"].tolist()).add_prefix("metric.")
         flat = pd.concat([runs.drop(columns=["metrics", "config", "versions", "host"]), metrics], axis=1)
         costs = self.costs()
+        costs = costs[costs["run"].isin(set(runs["key"]))]
         if costs.empty:
             return flat
         costs["column"] = costs["hardware"] + "." + costs["name"] + " [" + costs["kind"] + "]"
         wide = costs.pivot(index="run", columns="column", values="value")
         return flat.merge(wide, left_on="key", right_index=True, how="left")
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`table` to ``path`` as CSV, atomically."""
-        frame = self.table()
-        return atomic_write(path, lambda p: frame.to_csv(p, index=False))
+    def to_csv(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path:
+        """Write :meth:`table` (of ``keys``) to ``path`` as CSV, atomically."""
+        frame = self.table(keys)
+        return atomic_write(self._export_path(path), lambda p: frame.to_csv(p, index=False))
 
-    def to_parquet(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`table` to ``path`` as Parquet (needs pyarrow), atomically."""
-        frame = self.table()
-        return atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+    def to_parquet(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path:
+        """Write :meth:`table` (of ``keys``) to ``path`` as Parquet, atomically."""
+        frame = self.table(keys)
+        return atomic_write(self._export_path(path), lambda p: frame.to_parquet(p, index=False))
+
+    def _export_path(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.resolve() == self.path.resolve():
+            raise ValueError(f"export path {str(path)!r} is the store itself; choose another file name")
+        return path
 
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
@@ -198,12 +208,31 @@ def _run_row(run: dict[str, Any]) -> tuple[Any, ...]:
         raise ValueError(f"run is missing {missing}; a run has {list(RUN_COLUMNS)}")
     values = {**run, "created": run.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for col in ("config", "metrics", "versions", "host"):
-        values[col] = json.dumps(check_type(col, run[col], dict, "a dict"), sort_keys=True)
+        values[col] = json.dumps(check_type(col, run[col], dict, "a dict"), sort_keys=True, default=_json_scalar)
+    point = run["point"]
+    values["point"] = None if point is None else check_float("point", point, min_value=0.0)
+    values["seed"] = check_int("seed", run["seed"], min_value=0)
+    values["seconds"] = check_float("seconds", run["seconds"], min_value=0.0)
+    for col in ("key", "method", "family", "task", "dataset", "arch"):
+        values[col] = check_type(col, run[col], str, "a string")
     return tuple(values[c] for c in RUN_COLUMNS)
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy scalars in a run's JSON columns as plain numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable; give numbers, strings, lists or dicts")
 
 
 def _cost_row(key: str, cost: dict[str, Any]) -> tuple[Any, ...]:
     check_type("cost", cost, dict, "a dict with hardware, name, value, kind and unit")
-    kind = check_choice("kind", cost.get("kind"), KINDS)
-    value = cost.get("value")
-    return (key, str(cost["hardware"]), str(cost["name"]), None if value is None else float(value), kind, str(cost.get("unit", "")))
+    missing = [k for k in ("hardware", "name", "value", "kind") if k not in cost]
+    if missing:
+        raise ValueError(f"cost {cost!r} is missing {missing}; a cost has hardware, name, value, kind and unit")
+    kind = check_choice("kind", cost["kind"], KINDS)
+    value = cost["value"]
+    if isinstance(value, float) and math.isnan(value):
+        value = None   # a figure that does not apply (e.g. fp32 layers on an int8-only target)
+    value = None if value is None else check_float(f"value of cost {cost['hardware']}.{cost['name']}", value)
+    return (key, str(cost["hardware"]), str(cost["name"]), value, kind, str(cost.get("unit", "")))

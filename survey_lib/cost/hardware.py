@@ -15,6 +15,7 @@ newer processes spend less per op; the table is for comparing methods, not chips
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -96,6 +97,7 @@ class HardwareProfile:
 # Each target is a data file, data/hardware/<name>.toml: every peak and bandwidth figure with the public
 # document it is derived from (its `source`). The energy table above (Horowitz) applies to all of them.
 TARGET_FILES = ("mobile_big_core", "mcu_cortex_m7", "int8_npu")
+TARGET_KEYS = {"name", "description", "kind", "default_level", "peak_macs_per_s", "bandwidth_bytes_per_s"}
 
 
 def hardware_dir() -> Path:
@@ -121,6 +123,16 @@ def load_target(path: str | os.PathLike) -> HardwareProfile:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"hardware file {str(path)!r} is not valid TOML: {err}") from err
+    unknown = sorted(set(raw) - TARGET_KEYS)
+    if unknown:
+        raise ValueError(f"hardware file {str(path)!r}: unknown key(s) {unknown}; accepted: {sorted(TARGET_KEYS)}")
+    for key in ("name", "description"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ValueError(f"hardware file {str(path)!r}: {key} must be a non-empty string")
+    if raw["name"] != path.stem:
+        raise ValueError(f"hardware file {str(path)!r}: name {raw['name']!r} must match the file name {path.stem!r}")
+    if raw.get("kind", "estimated") != "estimated":
+        raise ValueError(f"hardware file {str(path)!r}: kind must be 'estimated' (only the host is measured), got {raw['kind']!r}")
     figures: dict[str, dict[str, float]] = {}
     sources: list[str] = []
     for group in ("peak_macs_per_s", "bandwidth_bytes_per_s"):
@@ -131,22 +143,28 @@ def load_target(path: str | os.PathLike) -> HardwareProfile:
         for key, entry in table.items():
             if not isinstance(entry, dict) or set(entry) != {"value", "source"} or not entry["source"]:
                 raise ValueError(f"hardware file {str(path)!r}: {group}.{key} needs exactly a value and a source")
-            figures[group][key] = check_float(f"{path.name}: {group}.{key}", entry["value"], min_value=0.0)
+            figures[group][key] = check_float(f"{path.name}: {group}.{key}", entry["value"], min_value=1.0)
             sources.append(f"{group}.{key}: {entry['source']}")
     unknown = set(figures["peak_macs_per_s"]) - set(PRECISIONS)
     if unknown:
         raise ValueError(f"hardware file {str(path)!r}: precisions {sorted(unknown)} are unknown; accepted: {list(PRECISIONS)}")
+    levels = sorted(set(figures["bandwidth_bytes_per_s"]) - set(ENERGY_PJ_PER_BYTE))
+    if levels:
+        raise ValueError(f"hardware file {str(path)!r}: memory levels {levels} have no energy figure; accepted: "
+                         f"{list(ENERGY_PJ_PER_BYTE)}")
     level = raw.get("default_level", "dram")
     if level not in figures["bandwidth_bytes_per_s"]:
         raise ValueError(f"hardware file {str(path)!r}: default_level {level!r} has no bandwidth entry")
-    return HardwareProfile(name=str(raw["name"]), description=str(raw["description"]), kind=str(raw.get("kind", "estimated")),
+    return HardwareProfile(name=raw["name"], description=raw["description"], kind="estimated",
                            peak_macs_per_s=figures["peak_macs_per_s"], bandwidth_bytes_per_s=figures["bandwidth_bytes_per_s"],
                            default_level=level, sources=sources + [HOROWITZ], extra={"file": str(path)})
 
 
-MOBILE_BIG_CORE, MCU_CORTEX_M7, ETHOS_U55 = (load_target(hardware_dir() / f"{n}.toml") for n in TARGET_FILES)
-_TARGETS = {p.name: p for p in (MOBILE_BIG_CORE, MCU_CORTEX_M7, ETHOS_U55)}
-HARDWARE_NAMES = ("host",) + tuple(_TARGETS)
+@functools.lru_cache(maxsize=None)
+def _target(name: str) -> HardwareProfile:
+    """The estimated target ``name``, read from its data file the first time it is used."""
+    return load_target(hardware_dir() / f"{name}.toml")
+HARDWARE_NAMES = ("host",) + TARGET_FILES
 
 
 # --- host micro-benchmark -------------------------------------------------------------------------
@@ -383,7 +401,7 @@ def get_hardware(name: str | HardwareProfile) -> HardwareProfile:
     if isinstance(name, HardwareProfile):
         return name
     check_choice("hardware", name, HARDWARE_NAMES)
-    return host_profile() if name == "host" else copy.deepcopy(_TARGETS[name])
+    return host_profile() if name == "host" else copy.deepcopy(_target(name))
 
 
 # --- estimates ------------------------------------------------------------------------------------
