@@ -179,16 +179,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     runs = spec.runs()
     if args.dry_run and not Path(args.store).exists():
-        print(f"spec {spec.name!r} ({spec.source}): {len(runs)} runs, no store yet at {args.store}")
-        for reason in spec.skipped():
-            print(f"  not run: {reason}")
+        _print_plan(spec, f"{len(runs)} runs, no store yet at {args.store}")
         return 0
     with ResultsStore(args.store) as store:
         stored = sum(store.has(r.key) for r in runs)
-        print(f"spec {spec.name!r} ({spec.source}): {len(runs)} runs, {stored} already in {store.path}, "
-              f"{len(runs) - stored} to run" + (f"; expected about {spec.expected_minutes:g} min from scratch" if spec.expected_minutes else ""))
-        for reason in spec.skipped():
-            print(f"  not run: {reason}")
+        _print_plan(spec, f"{len(runs)} runs, {stored} already in {store.path}, {len(runs) - stored} to run"
+                    + (f"; expected about {spec.expected_minutes:g} min from scratch" if spec.expected_minutes else ""))
         if args.dry_run:
             return 0
         start = time.perf_counter()
@@ -205,11 +201,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if fmt == "md":
                 from .bench import report
 
-                atomic_write_text(store._export_path(out), report.leaderboard(report.summary(store.table(keys)), spec.hardware) + "\n")
+                atomic_write_text(store.export_path(out), report.leaderboard(report.summary(store.table(keys)), spec.hardware) + "\n")
             else:
                 (store.to_csv if fmt == "csv" else store.to_parquet)(out, keys)
             print(f"wrote {out}")
     return 0
+
+
+def _print_plan(spec: Any, counts: str) -> None:
+    """The spec's name and source, ``counts``, and why each skipped method x target pair is not run."""
+    print(f"spec {spec.name!r} ({spec.source}): {counts}")
+    for reason in spec.skipped():
+        print(f"  not run: {reason}")
 
 
 def _bench_bar(total: int):

@@ -181,14 +181,15 @@ class ResultsStore:
     def to_csv(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path:
         """Write :meth:`table` (of ``keys``) to ``path`` as CSV, atomically."""
         frame = self.table(keys)
-        return atomic_write(self._export_path(path), lambda p: frame.to_csv(p, index=False))
+        return atomic_write(self.export_path(path), lambda p: frame.to_csv(p, index=False))
 
     def to_parquet(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path:
         """Write :meth:`table` (of ``keys``) to ``path`` as Parquet, atomically."""
         frame = self.table(keys)
-        return atomic_write(self._export_path(path), lambda p: frame.to_parquet(p, index=False))
+        return atomic_write(self.export_path(path), lambda p: frame.to_parquet(p, index=False))
 
-    def _export_path(self, path: str | os.PathLike) -> Path:
+    def export_path(self, path: str | os.PathLike) -> Path:
+        """``path`` as a Path, refused (ValueError) if it is the store file itself."""
         path = Path(path)
         if path.resolve() == self.path.resolve():
             raise ValueError(f"export path {str(path)!r} is the store itself; choose another file name")
