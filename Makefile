@@ -32,7 +32,7 @@ workbook: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/survey-lib check
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15
 
 # Maintainers: re-execute notebooks in the default profile and store normalized outputs.
 refresh: $(STAMP)
