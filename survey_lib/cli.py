@@ -178,19 +178,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     runs = spec.runs()
+    if args.store is None:
+        args.store = str(Path("build") / "bench" / f"{spec.name}.sqlite")
     if args.dry_run and not Path(args.store).exists():
         _print_plan(spec, f"{len(runs)} runs, no store yet at {args.store}")
         return 0
     with ResultsStore(args.store) as store:
-        stored = sum(store.has(r.key) for r in runs)
+        stored = sum(store.has(r.key) and runner.model_path(store, r.key).exists() for r in runs)   # as compress counts
         _print_plan(spec, f"{len(runs)} runs, {stored} already in {store.path}, {len(runs) - stored} to run"
                     + (f"; expected about {spec.expected_minutes:g} min from scratch" if spec.expected_minutes else ""))
         if args.dry_run:
             return 0
         start = time.perf_counter()
         with _bench_bar(len(runs) - stored) as bar:
-            runner.compress(spec, store, n_jobs=args.jobs, threads=args.threads, progress=lambda done, total, run: bar.update(1))
-        print(f"phase 1 (compress, evaluate, count, estimate; {args.jobs} process(es)): {time.perf_counter() - start:.0f} s")
+            runner.compress(spec, store, n_jobs=args.jobs, threads=args.threads, scheduler=args.scheduler,
+                            progress=lambda done, total, run: bar.update(1))
+        where = f"Dask cluster at {args.scheduler}" if args.scheduler else f"{args.jobs} process(es) here"
+        print(f"phase 1 (compress, evaluate, count, estimate; {where}): {time.perf_counter() - start:.0f} s")
         start = time.perf_counter()
         timed = runner.time_runs(spec, store)
         print(f"phase 2 (latency, measured serially: nothing else ran on these cores): {timed} runs timed in "
@@ -201,7 +205,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if fmt == "md":
                 from .bench import report
 
-                atomic_write_text(store.export_path(out), report.leaderboard(report.summary(store.table(keys)), spec.hardware) + "\n")
+                from .bench.guidelines import checklist_markdown, guidelines
+
+                table = store.table(keys)
+                atomic_write_text(store.export_path(out), f"# Benchmark {spec.name!r}\n\n" + report.leaderboard(report.summary(table), spec.hardware)
+                                  + "\n## Guidelines from these results\n\n" + checklist_markdown(guidelines(table, spec.hardware)) + "\n")
             else:
                 (store.to_csv if fmt == "csv" else store.to_parquet)(out, keys)
             print(f"wrote {out}")
@@ -292,14 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark spec into a resumable results store")
     bench.add_argument("spec", nargs="?", default=str(Path("data") / "bench" / "default.toml"),
                        help="a TOML spec (default: data/bench/default.toml; data/bench/full.toml is the full sweep)")
-    bench.add_argument("--store", default=str(Path("build") / "bench" / "default.sqlite"),
-                       help="the SQLite results store (created if missing; an interrupted sweep resumes from it)")
+    bench.add_argument("--store", default=None,
+                       help="the SQLite results store (default: build/bench/<spec name>.sqlite; created if missing; an "
+                            "interrupted sweep resumes from it)")
     bench.add_argument("--export", nargs="*", choices=("csv", "parquet", "md"), default=[],
                        help="also write, beside the store, the runs table (csv, parquet) or the Markdown leaderboard (md)")
     bench.add_argument("--jobs", type=positive_int, default=1,
                        help="processes for phase 1 on this machine (joblib); latency is always measured serially after it")
     bench.add_argument("--threads", type=positive_int, default=None,
                        help="torch threads per process (default: the usable cores shared out among --jobs)")
+    bench.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run phase 1 on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786; "
+                            "start workers with --nthreads 1); latency is still measured here, serially")
     bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -109,6 +109,15 @@ def test_spec_lists_runs_with_the_shared_budget_and_stable_keys():
     assert SP.parse_spec(raw).runs()[0].key != runs[0].key
 
 
+def test_a_spec_shifted_to_other_seeds_keeps_everything_else():
+    spec = SP.parse_spec(good_spec())
+    moved = spec.with_seeds(3)
+    assert moved.seeds == (3, 4) and moved.targets == spec.targets and moved.methods == spec.methods
+    assert {r.seed for r in moved.runs()} == {3, 4} and not {r.key for r in moved.runs()} & {r.key for r in spec.runs()}
+    with pytest.raises(ValueError, match="seed"):
+        spec.with_seeds(-1)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["methods"].update(magnitude=[2]), r"\[methods\] = 'magnitude' is unknown"),
     (lambda s: s["methods"].update(magnitude_prune=[0.5]), r"magnitude_prune: operating point 0.5 does not apply"),
@@ -373,7 +382,7 @@ def test_summary_pairs_each_seed_with_its_baseline_and_calls_differences_only_wh
         report.summary(pd.concat([synthetic_table(), synthetic_table().query("method == 'baseline'")]))
 
 
-def test_ranking_leaves_out_methods_worse_at_every_seed_and_orders_by_the_hardwares_figure():
+def test_ranking_keeps_method_points_within_the_allowed_drop_and_orders_by_the_hardwares_figure():
     from survey_lib.bench import report
 
     summ = report.summary(synthetic_table())
@@ -382,9 +391,77 @@ def test_ranking_leaves_out_methods_worse_at_every_seed_and_orders_by_the_hardwa
     assert list(report.ranking(summ, "int8_npu")["method"]) == ["ptq", "baseline"]
     with pytest.raises(ValueError, match="not in the store"):
         report.ranking(summ, "mcu_cortex_m7")
+    assert "magnitude_prune" in set(report.ranking(summ, "host", max_drop=0.051)["method"])   # it loses 0.05
+    assert "magnitude_prune" not in set(report.ranking(summ, "host", max_drop=0.049)["method"])
+    with pytest.raises(ValueError, match="max_drop"):
+        report.ranking(summ, "host", max_drop=-1)
     md = report.leaderboard(summ, ("host", "int8_npu"))
     assert "### classification on shapes (vgg), accuracy" in md
     assert "| pruning_sharing | magnitude_prune | 4 | 3 | 0.850 | -0.050 | -0.050 to -0.050 | worse at every seed |" in md
+
+
+def two_task_table() -> pd.DataFrame:
+    """Three seeds, two tasks, two hardware targets: A is faster than B on the host, B on the NPU; A keeps
+    classification accuracy and loses segmentation mIoU, B the other way round."""
+    rows = []
+    for seed in range(3):
+        for task, metric in [("classification", "accuracy"), ("segmentation", "miou")]:
+            for method, lat, npu, change in [("baseline", 1.0, 4e-3, 0.0),
+                                             ("tucker2", 0.5, 3e-3, -0.001 if task == "classification" else -0.015),
+                                             ("ptq", 0.8, 1e-3, -0.015 if task == "classification" else -0.001)]:
+                rows.append({"key": f"{method}-{task}-{seed}", "method": method, "family": "x", "point": None if method == "baseline" else 4.0,
+                             "task": task, "dataset": "shapes", "arch": "vgg", "seed": seed,
+                             f"metric.{metric}": 0.8 + 0.01 * seed + change + 0.0005 * seed * (method != "baseline"),
+                             "any.macs [counted]": {"baseline": 100.0, "tucker2": 30.0, "ptq": 100.0}[method],
+                             "any.memory_traffic_bytes [counted]": {"baseline": 400.0, "tucker2": 150.0, "ptq": 110.0}[method],
+                             "any.stored_bytes [measured]": {"baseline": 400.0, "tucker2": 130.0, "ptq": 100.0}[method],
+                             "host.latency_ratio [measured]": lat, "host.latency_median_ms [measured]": lat * 2,
+                             "int8_npu.est_latency_s [estimated]": npu})
+    return pd.DataFrame(rows)
+
+
+def test_pareto_front_holds_the_points_no_other_point_beats_on_both_metric_and_cost():
+    from survey_lib.bench import report
+
+    front = report.pareto(report.summary(synthetic_table()), "host.latency_ratio [measured]").set_index("label")
+    assert front.loc["magnitude_prune@4", "on_front"] and front.loc["ptq@4", "on_front"]
+    assert not front.loc["baseline", "on_front"]      # ptq: the same mean accuracy at a lower latency
+    assert list(front["cost"]) == sorted(front["cost"])
+    with pytest.raises(ValueError, match="not in the store"):
+        report.pareto(report.summary(synthetic_table()), "mcu_cortex_m7.est_energy_j [estimated]")
+
+
+def test_flips_are_found_between_hardware_targets_and_between_tasks_beyond_the_margins():
+    from survey_lib.bench import report
+
+    summ = report.summary(two_task_table())
+    hw = report.hardware_flips(summ, ("host", "int8_npu"))
+    assert sorted(zip(hw["task"], hw["faster_on_first"], hw["faster_on_second"])) == [
+        ("classification", "tucker2@4", "ptq@4"), ("segmentation", "tucker2@4", "ptq@4")]
+    assert report.hardware_flips(summ, ("host", "int8_npu"), margin=1.0).empty   # 0.5 vs 0.8 is not 2x apart
+    tasks = report.task_flips(summ)
+    assert list(zip(tasks["first_task"], tasks["better_on_first"], tasks["better_on_second"])) == [
+        ("classification", "tucker2@4", "ptq@4")]
+    assert report.task_flips(report.summary(two_task_table().query("task == 'classification'"))).empty
+
+
+def test_guidelines_cite_the_runs_behind_each_line_and_say_when_the_data_shows_nothing():
+    from survey_lib.bench.guidelines import guidelines
+
+    table = two_task_table()
+    g = guidelines(table, ("host", "int8_npu")).set_index("guideline")
+    assert len(g) >= 5 and all(len(rows) > 0 for rows in g["rows"])
+    assert all(k in {key[:10] for key in table["key"]} for rows in g["rows"] for k in rows)
+    flips = g.loc[[i for i in g.index if i.startswith("Rank methods")][0], "evidence"]
+    assert flips.startswith("2 reversed pairs of method points over 1 of 1 pairs of targets")
+    macs = g.loc[[i for i in g.index if i.startswith("Report latency measured")][0], "evidence"]
+    assert macs.startswith("2 of 4 method points") and "tucker2@4 (classification): 3.3x fewer MACs, 2.00x as fast" in macs
+    one_task = guidelines(table.query("task == 'classification'"), ("host",))
+    assert not one_task["guideline"].str.startswith("Evaluate every task").any()      # one task: nothing to compare
+    assert not one_task["guideline"].str.startswith("Rank methods").any()             # one target: nothing to compare
+    same = table.assign(**{"int8_npu.est_latency_s [estimated]": table["host.latency_ratio [measured]"] * 1e-3})
+    quiet = guidelines(same, ("host", "int8_npu")).set_index("guideline")
+    assert "no ranking reversed" in quiet.loc[[i for i in quiet.index if i.startswith("Rank methods")][0], "evidence"]
 
 
 def comparable(table: pd.DataFrame) -> pd.DataFrame:
@@ -405,6 +482,47 @@ def test_parallel_workers_give_the_same_rows_as_the_sequential_path(tmp_path):
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
     assert set(a["method"]) == {"baseline", "magnitude_prune", "ptq"}
     assert "int8_npu.est_latency_s [estimated]" in a.columns and "any.stored_bytes [measured]" in a.columns
+
+
+def test_a_dask_cluster_gives_the_same_rows_as_the_sequential_path(tmp_path):
+    from distributed import LocalCluster
+
+    from survey_lib.bench import runner
+
+    spec = tiny_spec({"magnitude_prune": [4], "ptq": [8]})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
+            bench.ResultsStore(tmp_path / "seq.sqlite") as seq, bench.ResultsStore(tmp_path / "dask.sqlite") as dsk:
+        assert runner.compress(spec, seq, threads=1) == 3
+        assert runner.compress(spec, dsk, threads=1, scheduler=cluster.scheduler_address) == 3
+        assert runner.compress(spec, dsk, threads=1, scheduler=cluster.scheduler_address) == 0   # resumable there too
+        a, b = comparable(seq.table()), comparable(dsk.table())
+        assert all(runner.model_path(dsk, k).exists() for k in b["key"])   # the parent wrote every model
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+    assert set(b["method"]) == {"baseline", "magnitude_prune", "ptq"}
+
+
+def test_a_cluster_whose_workers_run_several_tasks_at_once_is_refused(tmp_path):
+    from distributed import LocalCluster
+
+    from survey_lib.bench import runner
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(RuntimeError, match="--nthreads 1"):
+            runner.compress(tiny_spec({"ptq": [8]}), store, scheduler=cluster.scheduler_address)
+        assert len(store) == 0
+
+
+def test_an_unreachable_scheduler_is_named_in_the_error(tmp_path, monkeypatch):
+    from survey_lib.bench import runner
+
+    monkeypatch.setattr(runner, "CONNECT_TIMEOUT_S", 1)
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(RuntimeError, match="scheduler='tcp://127.0.0.1:9'"):
+            runner.compress(tiny_spec({"ptq": [8]}), store, scheduler="tcp://127.0.0.1:9")
+        with pytest.raises(TypeError, match="scheduler must be"):
+            runner.compress(tiny_spec({"ptq": [8]}), store, scheduler=8786)
+        assert len(store) == 0
 
 
 def test_a_killed_sweep_process_resumes_to_the_same_rows_as_an_uninterrupted_one(tmp_path):

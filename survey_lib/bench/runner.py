@@ -14,18 +14,18 @@ import functools
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .._io import atomic_torch_save
 from .registry import get_method
 from .spec import Run, Spec, bench_code_fingerprint
 from .store import ResultsStore
 
 LATENCY_NAME = "latency_median_ms"
 LATENCY_RUNTIME = "eager"
+CONNECT_TIMEOUT_S = 20   # how long to wait for a Dask scheduler to answer
 VERSION_KEYS = ("python", "torch", "numpy", "onnxruntime")
 _BRACKET = re.compile(r"^(?P<name>[^\[]+)\[(?P<hw>[^\]]+)\]$")
 
@@ -45,6 +45,14 @@ def _load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str) 
     from ..baselines import baseline
 
     return baseline(task, dataset, profile=profile, seed=seed, arch=arch)
+
+
+def prepare_baselines(spec: Spec) -> int:
+    """Load, training where missing, every baseline the spec's runs start from; returns how many there are."""
+    needed = sorted({(r.task, r.dataset, r.baseline_profile, r.seed, r.arch) for r in spec.runs()})
+    for args in needed:
+        _load_baseline(*args)
+    return len(needed)
 
 
 def _context(base: Any, run: Run) -> Any:
@@ -108,52 +116,135 @@ def usable_cores() -> int:
     return int(host_info()["usable_cpus"])
 
 
-def _execute_and_save(run: Run, hardware: Sequence[str], threads: int, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """:func:`execute`, then save the model atomically (the parent writes the row, under its own key)."""
+def _job(run: Run, hardware: Sequence[str], threads: int) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
+    """:func:`execute`, with the model returned as bytes so that only the parent writes files, even when the
+    worker is on another machine."""
+    import io
+
     row, costs, model = execute(run, hardware, threads)
-    atomic_torch_save(path, model)
-    return row, costs
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return row, costs, buffer.getvalue()
 
 
-def _in_worker(run: Run, hardware: Sequence[str], threads: int, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """:func:`_execute_and_save` in a joblib worker, whose other thread pools are sized to its share."""
+def _in_worker(run: Run, hardware: Sequence[str], threads: int) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
+    """:func:`_job` in a worker process (joblib or Dask), whose OpenMP pools are sized to ``threads`` too."""
     import os
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    return _execute_and_save(run, hardware, threads, path)
+    return _job(run, hardware, threads)
 
 
-def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, threads: int | None = None,
+def _keep(store: ResultsStore, run: Run, row: dict[str, Any], costs: list[dict[str, Any]], blob: bytes) -> None:
+    """Store one run: its model file first (atomically), then its row, so a stored run always has its model.
+    RunError if the worker ran another version of the code than this process (the key would not say so)."""
+    from .._io import atomic_write_bytes
+
+    if row["config"]["code"] != bench_code_fingerprint():
+        raise RunError(f"run {run.method} at point {run.point} ({run.task}/{run.dataset}, seed {run.seed}) ran on a worker "
+                       f"with other survey_lib code ({row['config']['code']}, here {bench_code_fingerprint()}): install "
+                       "the same version on every worker")
+    atomic_write_bytes(model_path(store, run.key), blob)
+    store.add_run({**row, "key": run.key}, costs)   # under the parent's key
+
+
+def _on_joblib(runs: Sequence[Run], args: Callable[[Run], tuple], n_jobs: int) -> Iterator[tuple[Run, tuple]]:
+    """Each run's outcome from ``n_jobs`` joblib processes on this machine, in spec order."""
+    from joblib import Parallel, delayed
+
+    outcomes = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_in_worker)(*args(r)) for r in runs)
+    yield from zip(runs, outcomes)
+
+
+def _dask_client(address: str) -> Any:
+    """A client of the Dask scheduler at ``address`` with at least one worker, each running one task at a time."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise RuntimeError("scheduler: running on a Dask cluster needs dask.distributed; install it with "
+                           "pip install 'survey_lib[dask]'") from None
+    try:
+        client = Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as err:
+        raise RuntimeError(f"scheduler={address!r}: no Dask scheduler answered there ({err})") from err
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        slots = {w: info["nthreads"] for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+    except (OSError, TimeoutError) as err:
+        client.close()
+        raise RuntimeError(f"scheduler={address!r}: no worker joined within {CONNECT_TIMEOUT_S} s ({err})") from err
+    shared = sorted(w for w, n in slots.items() if n > 1)
+    if shared:
+        client.close()
+        raise RuntimeError(f"scheduler={address!r}: workers {shared} run several tasks in one process, which would share "
+                           "torch's seed and thread settings; start them with --nthreads 1")
+    return client
+
+
+def _on_dask(runs: Sequence[Run], args: Callable[[Run], tuple], address: str) -> Iterator[tuple[Run, tuple]]:
+    """Each run's outcome from the Dask cluster at ``address``, as each finishes; the runs that failed are
+    reported together (RunError) after every other run was handed over."""
+    from distributed import as_completed
+
+    client = _dask_client(address)
+    try:
+        futures = {client.submit(_in_worker, *args(r), pure=False, key=f"bench-{r.key}"): r for r in runs}
+        failed = []
+        for future in as_completed(futures):
+            run = futures.pop(future)   # drop the reference: the cluster frees the model's bytes
+            if future.status == "error":
+                failed.append(f"{run.method} at point {run.point} ({run.task}/{run.dataset}, seed {run.seed}): {future.exception()}")
+                continue
+            yield run, future.result()
+        if failed:
+            raise RunError(f"{len(failed)} run(s) failed on the cluster: " + "; ".join(failed))
+    finally:
+        client.close()
+
+
+def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, threads: int | None = None, scheduler: str | None = None,
              progress: Callable[[int, int, Run], None] | None = None) -> int:
-    """Phase 1: execute every run of ``spec`` that ``store`` lacks, in order, in ``n_jobs`` processes on this
-    machine (joblib) at ``threads`` torch threads each (default: the usable cores shared out, at least 1).
-    Only this process writes the store, one run per transaction, in spec order; returns how many ran."""
-    from .._validate import check_int
+    """Phase 1: execute every run of ``spec`` that ``store`` lacks, sequentially, in ``n_jobs`` processes on this
+    machine (joblib), or on the Dask cluster whose scheduler is at address ``scheduler`` (workers started with
+    ``--nthreads 1``), at ``threads`` torch threads per run (default: the usable cores shared out among the
+    processes here; 1 on a cluster). Only this process writes: the store, one run per transaction, and the
+    models beside it; returns how many ran."""
+    from .._validate import check_int, check_type
 
     n_jobs = check_int("n_jobs", n_jobs, min_value=1, max_value=256)
-    threads = max(1, usable_cores() // n_jobs) if threads is None else check_int("threads", threads, min_value=1, max_value=256)
+    if threads is not None:
+        threads = check_int("threads", threads, min_value=1, max_value=256)
+    if scheduler is not None:
+        check_type("scheduler", scheduler, str, "a Dask scheduler address such as 'tcp://10.0.0.5:8786'")
     todo = [r for r in spec.runs() if not store.has(r.key) or not model_path(store, r.key).exists()]
     if "host" in spec.hardware:
         from ..cost.hardware import host_profile
 
         host_profile()   # measured (or read from its cache) here, before any worker trains beside it
-    # methods that time candidates while they run go last, one at a time
-    parallel = [r for r in todo if n_jobs > 1 and not get_method(r.method).measures_latency]
+    # methods that time candidates while they run go last, one at a time, in this process
+    spread = scheduler is not None or n_jobs > 1
+    parallel = [r for r in todo if spread and not get_method(r.method).measures_latency]
     serial = [r for r in todo if r not in parallel]
-    job = lambda run: (run, tuple(spec.hardware), threads, model_path(store, run.key))  # noqa: E731
-    results: list[Iterable[tuple[dict[str, Any], list[dict[str, Any]]]]] = []
-    if parallel:
-        from joblib import Parallel, delayed
-
-        results.append(Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_in_worker)(*job(r)) for r in parallel))
-    results.append(_execute_and_save(*job(r)) for r in serial)
+    local = max(1, usable_cores() // n_jobs) if threads is None else threads
+    remote = 1 if threads is None else threads
+    streams: list[Iterator[tuple[Run, tuple]]] = []
+    if parallel and scheduler is not None:
+        streams.append(_on_dask(parallel, lambda r: (r, tuple(spec.hardware), remote), scheduler))
+    elif parallel:
+        streams.append(_on_joblib(parallel, lambda r: (r, tuple(spec.hardware), local), n_jobs))
+    usable = max(1, usable_cores()) if threads is None else threads
+    streams.append((r, _job(r, tuple(spec.hardware), usable)) for r in serial)
     done = 0
-    for runs, outcomes in zip((parallel, serial) if parallel else (serial,), results):
-        for run, (row, costs) in zip(runs, outcomes):
-            store.add_run({**row, "key": run.key}, costs)   # after its model was saved: a stored run has its model
-            done += 1
-            if progress is not None:
-                progress(done, len(todo), run)
+    try:
+        for stream in streams:
+            for run, (row, costs, blob) in stream:
+                _keep(store, run, row, costs, blob)
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo), run)
+    finally:
+        for stream in streams:
+            stream.close()   # a cluster client is closed even when a run or the store failed
     return len(todo)
 
 

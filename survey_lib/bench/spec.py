@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,13 @@ class Spec:
                         out.append(Run(name, point, t.task, t.dataset, t.arch, seed, self.baseline_profile,
                                        self.finetune_epochs, self.hardware))
         return out
+
+    def with_seeds(self, first: int) -> "Spec":
+        """The same spec with as many seeds, starting at ``first`` (first, first + 1, ...)."""
+        from .._validate import check_seed
+
+        check_seed(first)
+        return replace(self, seeds=tuple(first + i for i in range(len(self.seeds))))
 
     def skipped(self) -> list[str]:
         """Why each method x target pair the spec names is not run (the method does not support it)."""

@@ -96,7 +96,7 @@ class HardwareProfile:
 # --- estimated targets ---------------------------------------------------------------------------
 # Each target is a data file, data/hardware/<name>.toml: every peak and bandwidth figure with the public
 # document it is derived from (its `source`). The energy table above (Horowitz) applies to all of them.
-TARGET_FILES = ("mobile_big_core", "mcu_cortex_m7", "int8_npu")
+TARGET_FILES = ("mobile_big_core", "mcu_cortex_m7", "int8_npu", "gpu_t4")
 TARGET_KEYS = {"name", "description", "kind", "default_level", "peak_macs_per_s", "bandwidth_bytes_per_s"}
 
 
