@@ -66,10 +66,11 @@ def _seeds(table: pd.DataFrame, summ: pd.DataFrame) -> dict[str, Any] | None:
     spread = ", ".join(f"{r['task']} on {r['dataset']} {r['metric_name']} {r['metric']:.3f} ± {r['metric_std']:.3f}"
                        for _, r in base.iterrows())
     evidence = (f"baseline over {int(base['seeds'].max())} seeds (mean ± std): {spread}; for {len(unclear)} of the "
-                f"{len(judged)} method points with a verdict, the paired changes over the seeds have both signs (no "
-                f"measurable difference)")
+                f"{len(judged)} method points with a verdict, the paired changes over the seeds do not all share one "
+                f"strict sign (no measurable difference)")
     return _line("Report the baseline and every method over several seeds, as a change paired with the baseline of the "
-                 "same seed, with its range; where the seeds' changes have both signs, call it no measurable difference",
+                 "same seed, with its range; unless every seed's change has the same strict sign, call it no measurable "
+                 "difference",
                  evidence, table, pd.concat([base, unclear.sort_values("delta").head(CITED)]), base)
 
 
@@ -123,8 +124,11 @@ def _hardware_flips(table: pd.DataFrame, summ: pd.DataFrame, hardware: tuple[str
     flips = hardware_flips(summ, present)
     pairs = flips.groupby(["first_hw", "second_hw"]).size()
     examples = flips.drop_duplicates(["first_hw", "second_hw"]).head(CITED)
+    by_pair = ", ".join(f"{n} between {a} and {b}" for (a, b), n in pairs.items())
+    with_host = int(((flips["first_hw"] == "host") | (flips["second_hw"] == "host")).sum())
     evidence = (f"{len(flips)} reversed pairs of method points over {len(pairs)} of "
                 f"{len(present) * (len(present) - 1) // 2} pairs of targets"
+                + (f" ({by_pair}; {with_host} of them set the measured host against an estimated target)" if len(flips) else "")
                 + (": " + "; ".join(f"{r['faster_on_first']} beats {r['faster_on_second']} on {r['first_hw']}, loses on "
                                     f"{r['second_hw']} ({r['task']} on {r['dataset']})" for _, r in examples.iterrows())
                    if len(flips) else ": no ranking reversed between these targets in this sweep"))
@@ -176,21 +180,24 @@ def _which_figure(table: pd.DataFrame, summ: pd.DataFrame, hardware: Sequence[st
     for hw in hardware:
         col = "host.latency_median_ms [measured]" if hw == "host" else latency_figure(hw)
         rows = table[table[col].notna()] if col in table.columns else table.iloc[0:0]
-        groups = [g for _, g in rows.groupby(TARGET) if len(g) >= 4]   # within a target: task size differences would dominate
+        # within a target (task sizes would dominate across targets), and only where at least 3 method points run
+        groups = [g for _, g in rows.groupby(TARGET) if g.groupby(["method", "point"], dropna=False).ngroups >= 3]
         rho = {f: _mean_finite([g[col].rank().corr(g[f].rank()) for g in groups]) for f in figures if f in rows.columns}
         if not groups or all(math.isnan(r) for r in rho.values()):
             continue
         best = max(rho, key=lambda f: -math.inf if math.isnan(rho[f]) else rho[f])
+        strongest = max(rho, key=lambda f: -math.inf if math.isnan(rho[f]) else abs(rho[f]))
         kind = "measured" if hw == "host" else "estimated"
         evidence = (f"{kind} latency on {hw} over {sum(map(len, groups))} runs, Spearman correlation within each of {len(groups)} "
                     f"targets, averaged: "
                     + ", ".join(f"{_short(f)} " + ("undefined (constant)" if math.isnan(r) else f"{r:+.2f}") for f, r in rho.items()))
-        roofline = "" if hw == "host" else (" (an estimate is a roofline of MACs and bytes moved: this says which of "
-                                             "the two bounds it)")
+        roofline = (" (an estimate is a roofline of MACs and bytes moved: this says which of the two bounds it)"
+                    if hw != "host" and best != "any.stored_bytes [measured]" else "")
         compared = "MACs [counted], memory traffic [counted] and stored bytes [measured]"
         text = (f"On {hw}, {kind} latency follows {_short(best)} most closely of {compared}: report that figure for it{roofline}"
                 if rho[best] >= CLOSE else
-                f"On {hw}, {kind} latency follows none of {compared} closely (best: {_short(best)}, {rho[best]:+.2f}): "
+                f"On {hw}, {kind} latency follows none of {compared} closely (strongest: {_short(strongest)}, "
+                f"{rho[strongest]:+.2f}): "
                 f"report latency {kind} there, never one of these as its proxy")
         lines.append({"guideline": text,
                       "evidence": evidence, "rows": [k[:10] for k in groups[0].sort_values(col)["key"].iloc[[0, -1]]]})
