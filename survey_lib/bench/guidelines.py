@@ -15,7 +15,7 @@ import pandas as pd
 
 from .._validate import check_type
 from .registry import REFERENCE
-from .report import TARGET, hardware_flips, label, latency_figure, summary, task_flips
+from .report import TARGET, hardware_flips, label, labels, latency_figure, summary, task_flips
 
 MISMATCH = 1.5   # counted MAC reduction and measured speedup "disagree" beyond this factor
 CITED = 3        # method points cited per line (the strongest evidence first)
@@ -141,7 +141,7 @@ def _hardware_flips(table: pd.DataFrame, summ: pd.DataFrame, hardware: tuple[str
 def _tasks(table: pd.DataFrame, summ: pd.DataFrame) -> dict[str, Any] | None:
     """Verdicts and orders that change between tasks on the same data and architecture."""
     s = summ[(summ["method"] != REFERENCE) & ~summ["verdict"].str.startswith("no verdict")]
-    s = s.assign(label=[label(m, p) for m, p in zip(s["method"], s["point"])])
+    s = s.assign(label=labels(s))
     multi = s.groupby(["dataset", "arch"])["task"].transform("nunique") > 1
     s = s[multi]
     if s.empty:

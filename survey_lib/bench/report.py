@@ -94,13 +94,18 @@ def label(method: str, point: float | None) -> str:
     return method if point is None or (isinstance(point, float) and math.isnan(point)) else f"{method}@{point:g}"
 
 
+def labels(frame: pd.DataFrame) -> list[str]:
+    """:func:`label` of every row of ``frame`` (its method and point columns)."""
+    return [label(m, p) for m, p in zip(frame["method"], frame["point"])]
+
+
 def pareto(summ: pd.DataFrame, cost: str) -> pd.DataFrame:
     """Per target, every method point with the primary metric (mean, std) against ``cost`` (a column, lower is
     better) and ``on_front``: no other point of the target is at least as good on both and better on one."""
     if cost not in summ.columns:
         raise ValueError(f"cost {cost!r} is not in the store; available: {sorted(c for c in summ.columns if '[' in c)}")
     rows = summ[summ[cost].notna() & summ["metric"].notna()].copy()
-    rows["cost"], rows["label"] = rows[cost], [label(m, p) for m, p in zip(rows["method"], rows["point"])]
+    rows["cost"], rows["label"] = rows[cost], labels(rows)
     fronts = []
     for _, group in rows.groupby(TARGET, sort=False):
         m, c = group["metric"].to_numpy(), group["cost"].to_numpy()
@@ -119,7 +124,7 @@ def hardware_flips(summ: pd.DataFrame, hardware: tuple[str, ...], max_drop: floa
     ``first_hw`` one is faster by more than ``margin`` (relative), on ``second_hw`` the other is. Only method
     points that a :func:`ranking` keeps (at most ``max_drop`` lost) and that run on both targets count."""
     ranked = {hw: ranking(summ, hw, max_drop=max_drop).rename(columns={latency_figure(hw): "latency"})
-              .assign(label=lambda r: [label(m, p) for m, p in zip(r["method"], r["point"])])[TARGET + ["label", "latency"]]
+              .assign(label=labels)[TARGET + ["label", "latency"]]
               for hw in hardware}
     rows = []
     f1, f2 = "latency_1", "latency_2"
@@ -143,7 +148,7 @@ def task_flips(summ: pd.DataFrame) -> pd.DataFrame:
     dataset and architecture: on one task one is better at every seed's range (its lowest change above the
     other's highest), on the other task the other is. Only method points paired at MIN_SEEDS seeds or more count."""
     s = summ[(summ["method"] != REFERENCE) & (summ["paired"] >= MIN_SEEDS)]
-    s = s.assign(label=[label(m, p) for m, p in zip(s["method"], s["point"])])
+    s = s.assign(label=labels(s))
     rows = []
     for (dataset, arch), group in s.groupby(["dataset", "arch"], sort=False):
         tasks = list(dict.fromkeys(group["task"]))
