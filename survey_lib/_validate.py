@@ -18,6 +18,26 @@ def check_choice(param: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_device(device: Any, param: str = "device") -> str:
+    """``device`` as a string ("cpu", "cuda" or "cuda:N"); ValueError naming ``param`` for any other value, and for
+    a CUDA device on a machine whose torch sees none (or fewer)."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"{param} must be a str such as 'cpu' or 'cuda', got {type(device).__name__} ({device!r})")
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"{param}={device!r} is not supported; accepted values: 'cpu', 'cuda', 'cuda:N'")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= (int(index) if index else 0):
+            raise ValueError(f"{param}={device!r}: this machine's torch {torch.__version__} sees {count} CUDA device(s); "
+                             "accepted values here: 'cpu'" + (", 'cuda'" if count else ""))
+    return device
+
+
 def check_int(param: str, value: Any, *, min_value: int | None = None, max_value: int | None = None) -> int:
     """Raise TypeError unless ``value`` is an integer (NumPy ones too), ValueError unless in [min_value, max_value]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

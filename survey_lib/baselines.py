@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ._validate import check_choice, check_seed
+from ._validate import check_choice, check_device, check_seed
 from .data import DATASET_TASKS, DATASETS, Splits, load
 from .models import ARCH_TASKS, ARCHS, build_model
 from .profiles import check_profile
@@ -70,13 +70,15 @@ def baseline(
     seed: int = 0,
     arch: str | None = None,
     budget: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> Baseline:
     """The shared baseline of ``dataset`` x ``task``, trained once and then loaded from the checkpoint cache.
 
     ``arch=None`` picks the VGG-style reference net; ``budget`` overrides entries of the profile's budget
-    (``n``, ``epochs``, ``lr``, ``width`` ...) for quick experiments and tests.
+    (``n``, ``epochs``, ``lr``, ``width`` ...) for quick experiments and tests. ``device`` ("cuda") trains it
+    there; the checkpoint is cached under its own key, and the returned model is on the CPU.
     """
-    config = baseline_config(task, dataset, profile=profile, seed=seed, arch=arch, budget=budget)
+    config = baseline_config(task, dataset, profile=profile, seed=seed, arch=arch, budget=budget, device=device)
     data = load(dataset, task, seed=seed, n=config["n"], val_fraction=config["val_fraction"],
                 test_fraction=config["test_fraction"])
     task_obj = task_for(data)
@@ -101,8 +103,11 @@ def baseline_config(
     seed: int = 0,
     arch: str | None = None,
     budget: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """The full, JSON-able configuration (and cache key material) of a baseline."""
+    """The full, JSON-able configuration (and cache key material) of a baseline; a device other than the
+    CPU is part of it (GPU kernels round differently)."""
+    device = check_device(device)
     check_choice("dataset", dataset, DATASETS)
     check_choice(f"task (for dataset {dataset!r})", task, DATASET_TASKS[dataset])
     check_profile(profile)
@@ -114,7 +119,8 @@ def baseline_config(
         check_choice("budget key", key, BUDGET_KEYS)
         settings[key] = value
     return {"schema": BASELINE_SCHEMA, "code": code_fingerprint(), "dataset": dataset, "task": task, "profile": profile, "seed": seed,
-            "arch": arch, "optimizer": "adam", "schedule": "cosine", **settings}
+            "arch": arch, "optimizer": "adam", "schedule": "cosine", **settings,
+            **({"device": device} if device != "cpu" else {})}
 
 
 def code_fingerprint() -> str:
@@ -143,8 +149,12 @@ def _build(config: dict[str, Any], task: Task, data: Splits) -> nn.Module:
 def _train(model: nn.Module, config: dict[str, Any], task: Task, data: Splits) -> dict[str, Any]:
     """Train with the config's budget; return the training time and loss curve (metrics are computed on load)."""
     start = time.perf_counter()
-    history = fit(model, task, data.train, epochs=config["epochs"], batch_size=config["batch_size"],
-                  lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"],
-                  schedule=config["schedule"], seed=config["seed"])
+    model.to(config.get("device", "cpu"))
+    try:
+        history = fit(model, task, data.train, epochs=config["epochs"], batch_size=config["batch_size"],
+                      lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"],
+                      schedule=config["schedule"], seed=config["seed"])
+    finally:
+        model.to("cpu")
     seconds = time.perf_counter() - start
     return {"train_seconds": seconds, "train_loss": history.train_loss}

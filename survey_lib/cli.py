@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import ResultsStore, runner
     from .bench.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec).with_device(args.device)
     runs = spec.runs()
     if args.store is None:
         args.store = str(Path("build") / "bench" / f"{spec.name}.sqlite")
@@ -218,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _print_plan(spec: Any, counts: str) -> None:
     """The spec's name and source, ``counts``, and why each skipped method x target pair is not run."""
-    print(f"spec {spec.name!r} ({spec.source}): {counts}")
+    print(f"spec {spec.name!r} ({spec.source}): {counts}" + (f"; training on {spec.device}" if spec.device != "cpu" else ""))
     for reason in spec.skipped():
         print(f"  not run: {reason}")
 
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run phase 1 on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786; "
                             "start workers with --nthreads 1); latency is still measured here, serially")
+    bench.add_argument("--device", default="cpu",
+                       help="where baselines and fine-tuning train: cpu (default), cuda or cuda:N (runs get their own keys; "
+                            "latency is still measured on this machine's CPU)")
     bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -556,6 +556,19 @@ def _shapes_target_spec(task: str, size: int) -> dict[str, Any]:
     return {"kind": "mask 0=background, 1+class", "shape": (size, size), "dtype": "int64"}
 
 
+def missing_files(dataset: str) -> str | None:
+    """Why ``dataset`` cannot be loaded on this machine without a ``root`` (its local files are absent), or
+    None when it can: digits and shapes always can; cifar10 needs env SURVEY_LIB_CIFAR10."""
+    check_choice("dataset", dataset, DATASETS)
+    if dataset != "cifar10":
+        return None
+    try:
+        _cifar10_dir(None)
+    except FileNotFoundError as err:
+        return str(err)
+    return None
+
+
 def _cifar10_dir(root: str | os.PathLike | None) -> Path:
     """The cifar-10-batches-py directory from ``root`` or env SURVEY_LIB_CIFAR10; raise if unusable."""
     if root is None:

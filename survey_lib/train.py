@@ -158,19 +158,29 @@ def fit(
 
 
 def evaluate(model: nn.Module, task: Task, data: Dataset, *, batch_size: int = 256) -> dict[str, float]:
-    """Task metrics of ``model`` on ``data`` in eval mode without gradients; the training flag is restored."""
+    """Task metrics of ``model`` on ``data`` in eval mode without gradients, on the model's device; the training
+    flag is restored."""
     check_model_task_data(model, task, data)
     check_int("batch_size", batch_size, min_value=1)
     was_training = model.training
     model.eval()
     metrics = task.metric_state()
+    device = model_device(model)
     try:
         with torch.no_grad():
             for x, y in loader(data, batch_size, shuffle=False):
-                metrics.update(run_forward(model, x, "inputs of data"), y)
+                metrics.update(run_forward(model, x.to(device), "inputs of data").cpu(), y)
     finally:
         model.train(was_training)
     return metrics.compute()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (the CPU for a model with neither): ``fit`` and
+    ``evaluate`` move each batch there, so a model on a GPU trains and is evaluated there."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -250,7 +260,9 @@ def _train_epoch(
     model, task, opt = state.model, state.task, state.optimizer
     model.train()
     total, seen = 0.0, 0
+    device = model_device(model)
     for x, y in loader(data, batch_size, shuffle=True, seed=shuffle_seed):
+        x, y = x.to(device), y.to(device)
         output = run_forward(model, x, "inputs of train_data")
         loss = task.loss(output, y)
         if extra_loss is not None:

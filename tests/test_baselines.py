@@ -95,7 +95,19 @@ def test_every_profile_has_a_budget_and_full_is_bigger():
 @pytest.mark.slow
 @pytest.mark.parametrize("task, floor", [("classification", 0.6), ("regression", 0.5), ("detection", 0.5),
                                           ("segmentation", 0.35)])
-def test_shapes_default_profile_baselines_are_meaningful(cache, task, floor):
+def test_shapes_default_profile_baselines_are_meaningful(monkeypatch, task, floor):
+    """In the user's checkpoint cache (SURVEY_LIB_CACHE, as the notebooks use it), not a temporary one: these are
+    the checkpoints the notebooks load, so a test run before the notebooks trains each of them once, not twice."""
+    monkeypatch.setenv("SURVEY_LIB_PROGRESS", "0")
     b = baseline(task, "shapes")
     assert b.metrics[b.task.primary_metric] > floor
     assert b.train_seconds > 0
+
+
+def test_a_baseline_trained_elsewhere_than_the_cpu_has_its_own_key():
+    cpu = baseline_config("classification", "digits")
+    assert "device" not in cpu and baseline_config("classification", "digits", device="cpu") == cpu
+    with pytest.raises((ValueError, TypeError), match="device"):
+        baseline_config("classification", "digits", device="gpu")
+    if torch.cuda.is_available():
+        assert baseline_config("classification", "digits", device="cuda")["device"] == "cuda"

@@ -95,6 +95,31 @@ def test_shipped_specs_load_and_the_default_covers_every_family_three_tasks_hard
     assert set(default.methods) <= set(full.methods) and len(full.runs()) > len(default.runs())
 
 
+def test_cifar10_joins_the_full_sweep_only_where_its_files_are_present(tmp_path, monkeypatch):
+    from survey_lib import data
+
+    from test_data import write_fake_cifar
+
+    monkeypatch.delenv(data.CIFAR10_ENV, raising=False)
+    full = SP.load_spec(ROOT / "data/bench/full.toml")
+    without = len(full.runs())
+    assert "cifar10" not in {r.dataset for r in full.runs()}
+    assert any("cifar10" in line and data.CIFAR10_ENV in line for line in full.skipped())
+    raw = good_spec()
+    raw["targets"].append({"task": "classification", "dataset": "cifar10", "arch": "vgg"})
+    with pytest.raises(SP.SpecError, match=r"#3 \(classification/cifar10\).*when_present = true"):
+        SP.parse_spec(raw)   # a target that cannot load is refused before anything trains
+    raw["targets"][-1]["when_present"] = "yes"
+    with pytest.raises(SP.SpecError, match="when_present must be true or false"):
+        SP.parse_spec(raw)
+    write_fake_cifar(tmp_path / "cifar-10-batches-py", per_batch=4)
+    monkeypatch.setenv(data.CIFAR10_ENV, str(tmp_path))
+    present = SP.load_spec(ROOT / "data/bench/full.toml")
+    cifar = [r for r in present.runs() if r.dataset == "cifar10"]
+    assert cifar and {r.method for r in cifar} > {"baseline", "ptq"} and len(present.runs()) > without
+    assert not any("cifar10" in line and "when_present" in line for line in present.skipped())
+
+
 def test_spec_lists_runs_with_the_shared_budget_and_stable_keys():
     spec = SP.parse_spec(good_spec())
     runs = spec.runs()
@@ -570,3 +595,50 @@ def test_run_keys_follow_the_library_code(monkeypatch):
         assert run.key != before
     finally:
         SP.bench_code_fingerprint.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------------------
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_the_device_is_part_of_every_run_key_and_recorded_with_the_run(tmp_path):
+    from dataclasses import replace
+
+    from survey_lib.bench import runner
+
+    spec = tiny_spec({"ptq": [8]})
+    assert {r.device for r in spec.runs()} == {"cpu"} and spec.with_device("cpu").runs() == spec.runs()
+    run = spec.runs()[-1]
+    assert replace(run, device="cuda").key != run.key   # GPU kernels round differently: never the same row
+    row, _, model = runner.execute(run, spec.hardware, threads=1)
+    assert row["config"]["device"] == "cpu" and next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA: the refusal is for machines without it")
+def test_a_cuda_sweep_on_a_machine_without_cuda_is_refused_before_anything_runs(tmp_path, capsys):
+    from survey_lib.cli import main
+
+    with pytest.raises(ValueError, match=r"device='cuda'.*sees 0 CUDA device\(s\).*accepted values here: 'cpu'"):
+        tiny_spec({"ptq": [8]}).with_device("cuda")
+    store = tmp_path / "s.sqlite"
+    assert main(["bench", "data/bench/default.toml", "--store", str(store), "--device", "cuda"]) != 0
+    assert "device='cuda'" in capsys.readouterr().err and not store.exists()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_a_cuda_sweep_trains_there_and_stores_cpu_models_with_metrics_near_the_cpu_sweep(tmp_path):
+    from survey_lib.bench import runner
+
+    spec = tiny_spec({"l1_filter_prune": [2], "magnitude_prune": [4], "ptq": [8], "kd_thin_student": [4],
+                      "kmeans_share": [8]})
+    with bench.ResultsStore(tmp_path / "cpu.sqlite") as cpu, bench.ResultsStore(tmp_path / "gpu.sqlite") as gpu:
+        assert runner.compress(spec, cpu, threads=1) == runner.compress(spec.with_device("cuda"), gpu, threads=1) == 6
+        assert runner.time_runs(spec.with_device("cuda"), gpu, runs=5) == 6
+        a, b = cpu.table().set_index("method"), gpu.table().set_index("method")
+        for key in b["key"]:
+            model = torch.load(runner.model_path(gpu, key), weights_only=False)
+            assert {p.device.type for p in model.parameters()} == {"cpu"}
+        assert set(gpu.runs()["config"].map(lambda c: c["device"])) == {"cuda"}
+    assert (abs(a["metric.accuracy"] - b["metric.accuracy"]) < 0.1).all()   # other kernels, same method

@@ -288,3 +288,15 @@ def test_bad_cache_arguments(tmp_path, monkeypatch):
         cached_train({"x": 2}, lambda: "model", lambda m: {})
     with pytest.raises(TypeError, match=r"train\(model\) must be a dict"):
         cached_train({"x": 3}, lambda: small_model()[0], lambda m: None)
+
+
+def test_fit_and_evaluate_follow_the_models_device():
+    assert train_mod.model_device(torch.nn.ReLU()).type == "cpu"   # no parameters: the CPU
+    task = get_task("classification", num_classes=3, image_size=8)
+    data = TensorDataset(torch.randn(24, 1, 8, 8), torch.randint(0, 3, (24,)))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        model = build_model("vgg", task, in_channels=1, width=0.25, image_size=8).to(device)
+        fit(model, task, data, epochs=1, batch_size=8)
+        assert train_mod.model_device(model).type == device
+        assert 0 <= evaluate(model, task, data)["accuracy"] <= 1

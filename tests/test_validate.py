@@ -85,3 +85,19 @@ def test_model_data_mismatch_is_one_mechanism():
     for call in calls:
         with pytest.raises(ValueError, match=r"does not fit model.*: .*expected input.* to have 3 channels"):
             call()
+
+
+def test_check_device_accepts_the_cpu_and_names_the_accepted_values_otherwise():
+    import torch
+
+    from survey_lib._validate import check_device
+
+    assert check_device("cpu") == "cpu" and check_device(torch.device("cpu")) == "cpu"
+    for bad in ("gpu", "cpu:1", "cuda:x", ""):
+        with pytest.raises(ValueError, match=r"device=.*accepted values: 'cpu', 'cuda', 'cuda:N'"):
+            check_device(bad)
+    with pytest.raises(TypeError, match="device must be a str"):
+        check_device(0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"sees 0 CUDA device\(s\); accepted values here: 'cpu'"):
+            check_device("cuda")

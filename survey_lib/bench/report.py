@@ -41,7 +41,7 @@ def _verdict(low: float, high: float, seeds: int) -> str:
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per target x method x operating point: seeds, the primary metric's mean and std, its paired
+    """One row per target x method x operating point (sorted by them): seeds, the primary metric's mean and std, its paired
     change against the baseline (mean, range over seeds, verdict) and the mean of every cost column."""
     check_type("table", table, pd.DataFrame, "a ResultsStore.table()")
     t = table.copy()
@@ -53,7 +53,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     t["delta"] = t["primary"].to_numpy() - base.reindex(pd.MultiIndex.from_frame(t[TARGET + ["seed"]])).to_numpy()
     t["point"] = t["point"].fillna(-1.0)   # one setting: grouped, shown as "-"
     costs = [c for c in t.columns if c.endswith("]") and "[" in c]
-    g = t.groupby(GROUP, sort=False)
+    g = t.groupby(GROUP, sort=True)   # targets, methods and points in one order, whatever the run keys
     out = g.agg(seeds=("seed", "nunique"), paired=("delta", "count"), metric=("primary", "mean"), metric_std=("primary", "std"),
                 delta=("delta", "mean"), delta_low=("delta", "min"), delta_high=("delta", "max"))
     out = out.join(g[costs].mean()).reset_index()

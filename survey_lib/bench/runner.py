@@ -36,20 +36,21 @@ def model_path(store: ResultsStore, key: str) -> Path:
 
 
 def _baseline(run: Run) -> Any:
-    return _load_baseline(run.task, run.dataset, run.baseline_profile, run.seed, run.arch)
+    return _load_baseline(run.task, run.dataset, run.baseline_profile, run.seed, run.arch, run.device)
 
 
 @functools.lru_cache(maxsize=16)
-def _load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str) -> Any:
-    """A baseline, loaded (and evaluated) once per process: every method reads it and none changes it."""
+def _load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str, device: str = "cpu") -> Any:
+    """A baseline (on the CPU; trained on ``device``), loaded and evaluated once per process: every method reads
+    it and none changes it."""
     from ..baselines import baseline
 
-    return baseline(task, dataset, profile=profile, seed=seed, arch=arch)
+    return baseline(task, dataset, profile=profile, seed=seed, arch=arch, device=device)
 
 
 def prepare_baselines(spec: Spec) -> int:
     """Load, training where missing, every baseline the spec's runs start from; returns how many there are."""
-    needed = sorted({(r.task, r.dataset, r.baseline_profile, r.seed, r.arch) for r in spec.runs()})
+    needed = sorted({(r.task, r.dataset, r.baseline_profile, r.seed, r.arch, r.device) for r in spec.runs()})
     for args in needed:
         _load_baseline(*args)
     return len(needed)
@@ -58,7 +59,8 @@ def prepare_baselines(spec: Spec) -> int:
 def _context(base: Any, run: Run) -> Any:
     from ..methods import Context
 
-    return Context.from_baseline(base, budget=run.finetune_epochs, lr=base.config["lr"], batch_size=base.config["batch_size"])
+    return Context.from_baseline(base, budget=run.finetune_epochs, lr=base.config["lr"], batch_size=base.config["batch_size"],
+                                 device=run.device)
 
 
 def cost_rows(report: Any) -> list[dict[str, Any]]:
@@ -74,7 +76,8 @@ def cost_rows(report: Any) -> list[dict[str, Any]]:
 
 def execute(run: Run, hardware: Sequence[str], threads: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], nn.Module]:
     """One run: the method on the shared baseline, its test metrics and its cost figures (no latency), at
-    ``threads`` torch threads (default: every usable core)."""
+    ``threads`` torch threads (default: every usable core); the baseline's training, the method's fine-tuning and
+    the test evaluation run on ``run.device``, the rest of the method and the cost report on the CPU."""
     from ..cost import profile
     from ..host import host_info
     from ..profiles import seed_everything
@@ -98,6 +101,7 @@ def execute(run: Run, hardware: Sequence[str], threads: int | None = None) -> tu
     row = {"key": run.key, "method": run.method, "family": method.family, "point": run.point, "task": run.task,
            "dataset": run.dataset, "arch": run.arch, "seed": run.seed,
            "config": {"baseline_profile": run.baseline_profile, "finetune_epochs": run.finetune_epochs, "threads": threads,
+                      "device": run.device,
                       "hardware": list(run.hardware), "code": bench_code_fingerprint(),
                       "lr": base.config["lr"], "batch_size": base.config["batch_size"], "point_meaning": method.point},
            "metrics": metrics, "versions": {k: info[k] for k in VERSION_KEYS if k in info},

@@ -21,7 +21,7 @@ from .registry import get_method
 
 SPEC_KEYS = {"bench", "targets", "methods"}
 BENCH_KEYS = {"name", "description", "baseline_profile", "finetune_epochs", "seeds", "hardware", "expected_minutes"}
-TARGET_KEYS = {"task", "dataset", "arch"}
+TARGET_KEYS = {"task", "dataset", "arch", "when_present"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,13 @@ class Target:
     task: str
     dataset: str
     arch: str
+    when_present: bool = False   # join only where the dataset's local files are present (cifar10)
+
+    def absent(self) -> str | None:
+        """Why this target is left out on this machine (an optional dataset without its files), or None."""
+        from ..data import missing_files
+
+        return missing_files(self.dataset) if self.when_present else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Run:
     baseline_profile: str
     finetune_epochs: int
     hardware: tuple[str, ...] = ()
+    device: str = "cpu"   # where the baseline and the method's fine-tuning train; latency is always the host's
 
     @property
     def key(self) -> str:
@@ -86,6 +94,7 @@ class Spec:
     description: str = ""
     expected_minutes: float | None = None
     source: str = ""
+    device: str = "cpu"
 
     def runs(self) -> list[Run]:
         """Every run the spec asks for, the unchanged baseline first, in a fixed order (target, method, point, seed)."""
@@ -93,13 +102,15 @@ class Spec:
 
         out = []
         for t in self.targets:
+            if t.absent() is not None:
+                continue
             for name, points in {REFERENCE: (None,), **self.methods}.items():
                 if get_method(name).supports(t.task, t.arch) is not None:
                     continue
                 for point in points:
                     for seed in self.seeds:
                         out.append(Run(name, point, t.task, t.dataset, t.arch, seed, self.baseline_profile,
-                                       self.finetune_epochs, self.hardware))
+                                       self.finetune_epochs, self.hardware, self.device))
         return out
 
     def with_seeds(self, first: int) -> "Spec":
@@ -109,10 +120,20 @@ class Spec:
         check_seed(first)
         return replace(self, seeds=tuple(first + i for i in range(len(self.seeds))))
 
+    def with_device(self, device: str) -> "Spec":
+        """The same spec training on ``device`` ("cpu", "cuda" or "cuda:N"; ValueError where torch sees no such
+        device): baselines and fine-tuning run there, so every run gets another key."""
+        from .._validate import check_device
+
+        return replace(self, device=check_device(device))
+
     def skipped(self) -> list[str]:
-        """Why each method x target pair the spec names is not run (the method does not support it)."""
-        return [f"{reason} (target {t.task}/{t.dataset}/{t.arch})" for t in self.targets for name in self.methods
-                if (reason := get_method(name).supports(t.task, t.arch)) is not None]
+        """Why each target or method x target pair the spec names is not run: an optional dataset whose files are
+        absent here, or a method that does not support the target."""
+        absent = [f"target {t.task}/{t.dataset}/{t.arch} (when_present): {why}" for t in self.targets
+                  if (why := t.absent()) is not None]
+        return absent + [f"{reason} (target {t.task}/{t.dataset}/{t.arch})" for t in self.targets for name in self.methods
+                         if t.absent() is None and (reason := get_method(name).supports(t.task, t.arch)) is not None]
 
 
 class SpecError(ValueError):
@@ -152,6 +173,12 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> Spec:
     _distinct(hardware, source, "[bench].hardware")
     targets = tuple(_target(t, i, source) for i, t in enumerate(_table_list(raw, "targets", source)))
     _distinct([f"{t.task}/{t.dataset}/{t.arch}" for t in targets], source, "[[targets]]")
+    from ..data import missing_files
+
+    for i, t in enumerate(targets):
+        if not t.when_present and (why := missing_files(t.dataset)) is not None:
+            raise SpecError(f"{source}: [[targets]] #{i + 1} ({t.task}/{t.dataset}): {why}; or set when_present = true "
+                            "to leave it out where its files are absent")
     methods = _methods(raw.get("methods"), source)
     expected = bench.get("expected_minutes")
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float))
@@ -226,7 +253,10 @@ def _target(t: dict[str, Any], i: int, source: str) -> Target:
     task = _choice(_required(t, "task", str, source, where), DATASET_TASKS[dataset], source, f"{where}.task (for dataset {dataset!r})")
     arch = _choice(t.get("arch", "vgg"), tuple(ARCH_TASKS), source, f"{where}.arch")
     _choice(task, ARCH_TASKS[arch], source, f"{where}.task (for arch {arch!r})")
-    return Target(task, dataset, arch)
+    optional = t.get("when_present", False)
+    if not isinstance(optional, bool):
+        raise SpecError(f"{source}: {where}.when_present must be true or false, got {optional!r}")
+    return Target(task, dataset, arch, optional)
 
 
 def _methods(table: Any, source: str) -> dict[str, tuple[float | None, ...]]:

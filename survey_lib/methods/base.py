@@ -7,17 +7,34 @@ savings (masks, fake-quant) from real ones (smaller tensors, a sparse or low-bit
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_float, check_int, check_seed, check_type
+from .._validate import check_choice, check_device, check_float, check_int, check_seed, check_type
 from ..data import Splits
 from ..tasks import Task
-from ..train import Callback, ExtraLoss, History, evaluate, fit
+from ..train import Callback, ExtraLoss, History, evaluate, fit, model_device
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: str) -> Iterator[nn.Module]:
+    """``model`` moved IN PLACE to ``device`` inside the block and back where it was after it (even on an error);
+    a model already there does not move, so blocks nest. Parameters keep their identity, so callbacks holding
+    them still see them."""
+    home = model_device(model)
+    if home == torch.device(device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
 
 # What a method really changes (DESIGN.md section 3).
 CHANGES = (
@@ -33,7 +50,8 @@ CHANGES = (
 
 @dataclass
 class Context:
-    """What a method may use: the task, the data splits and the fine-tuning budget (epochs)."""
+    """What a method may use: the task, the data splits, the fine-tuning budget (epochs) and the device its
+    fine-tuning runs on (everything else a method does stays on the CPU)."""
 
     task: Task
     data: Splits
@@ -41,8 +59,10 @@ class Context:
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        self.device = check_device(self.device)
         check_int("budget", self.budget, min_value=0)
         check_float("lr", self.lr, min_value=0.0)
         check_int("batch_size", self.batch_size, min_value=1)
@@ -62,18 +82,21 @@ class Context:
         extra_loss: ExtraLoss | None = None,
         lr: float | None = None,
     ) -> History:
-        """Fine-tune ``model`` in place on the training split for ``epochs`` (default: the budget)."""
+        """Fine-tune ``model`` in place on the training split for ``epochs`` (default: the budget), on the
+        context's device; the model is back on its own device (the CPU) afterwards."""
         epochs = self.budget if epochs is None else check_int("epochs", epochs, min_value=0)
         if epochs == 0:
             return History()
-        return fit(model, self.task, self.data.train, epochs=epochs, batch_size=self.batch_size,
-                   lr=self.lr if lr is None else lr, seed=self.seed, callbacks=tuple(callbacks),
-                   extra_loss=extra_loss)
+        with on_device(model, self.device):
+            return fit(model, self.task, self.data.train, epochs=epochs, batch_size=self.batch_size,
+                       lr=self.lr if lr is None else lr, seed=self.seed, callbacks=tuple(callbacks),
+                       extra_loss=extra_loss)
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         """Metrics of ``model`` on ``split`` ("train", "val" or "test")."""
         check_choice("split", split, ("train", "val", "test"))
-        return evaluate(model, self.task, getattr(self.data, split))
+        with on_device(model, self.device):
+            return evaluate(model, self.task, getattr(self.data, split))
 
     def score(self, model: nn.Module, split: str = "test") -> float:
         """The task's primary metric of ``model`` on ``split``."""

@@ -638,6 +638,7 @@ class DistillationLoss:
             found = self.cache.lookup(x, self.cache_keys())
             if found is not None:
                 return found[0], found[1:], list(self.sizes)
+        self.teacher.to(x.device)   # the loss's own copy follows the student's batches (a no-op on the CPU)
         with torch.no_grad(), capture_features(self.teacher, [t for _, t in self.pairs], "teacher") as t_feats:
             t_out = self.teacher(x)
             raw = [t_feats[name] for _, name in self.pairs]

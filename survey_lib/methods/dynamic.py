@@ -323,7 +323,7 @@ class EarlyExitModel(nn.Module):
                 taken[alive[done]] = k
                 keep = ~done
                 if not bool(keep.any()):
-                    self.last_exits = taken
+                    self.last_exits = taken.cpu()
                     return out
                 x, alive = x[keep], alive[keep]
         logits = self.final_head(self.segments[-1](x))
@@ -331,7 +331,7 @@ class EarlyExitModel(nn.Module):
             out = logits
         else:
             out[alive] = logits
-        self.last_exits = taken
+        self.last_exits = taken.cpu()
         return out
 
 

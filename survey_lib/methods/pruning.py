@@ -161,7 +161,7 @@ def _n_pruned(sparsity: float, n: int) -> int:
 
 def _lowest(flat: Tensor, k: int) -> Tensor:
     """Bool tensor, True at the ``k`` smallest entries (ties broken by position, so the count is exact)."""
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
         keep[torch.argsort(flat, stable=True)[:k]] = False
     return keep
@@ -217,7 +217,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
             if params[name].shape != mask.shape:
                 raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the parameter "
                                  f"{tuple(params[name].shape)}")
-            params[name].mul_(mask.to(params[name].dtype))
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
     return model
 
 
@@ -423,7 +423,7 @@ class AGPCallback(Callback):
                             start_step=self.start_step, end_step=self.end_step)
 
     def _prune(self, state: TrainState, sparsity: float) -> None:
-        self.masks = self.masks_fn(state.model, sparsity)
+        self.masks = {k: m.cpu() for k, m in self.masks_fn(state.model, sparsity).items()}   # kept on the CPU
         self.schedule.append((state.step, sparsity))
 
     def on_train_begin(self, state: TrainState) -> None:

@@ -465,8 +465,9 @@ class Deployment:
         self.data = data
         self.reference = reference
         self.ctx = Context(task=task, data=Splits(train=train, val=data.val, test=data.test, info=data.info),
-                           budget=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=ctx.seed)
-        self.full_ctx = Context(task=task, data=data, budget=ctx.budget, lr=ctx.lr, batch_size=ctx.batch_size, seed=ctx.seed)
+                           budget=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=ctx.seed, device=ctx.device)
+        self.full_ctx = Context(task=task, data=data, budget=ctx.budget, lr=ctx.lr, batch_size=ctx.batch_size, seed=ctx.seed,
+                                device=ctx.device)
         self.example = self.ctx.example_input(1)
         self.layers = search_layers(self.reference, self.example)
         self.cache = TeacherCache(self.reference, self.ctx.data.train)

@@ -323,7 +323,7 @@ class KeepZeros(Callback):
         """Apply the masks."""
         with torch.no_grad():
             for p, keep in self.params.values():
-                p.mul_(keep)
+                p.mul_(keep.to(p.device))
 
 
 def kmeans_share(
