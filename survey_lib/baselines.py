@@ -23,7 +23,7 @@ from .data import DATASET_TASKS, DATASETS, Splits, load
 from .models import ARCH_TASKS, ARCHS, build_model
 from .profiles import check_profile
 from .tasks import Task, task_for
-from .train import cached_train, evaluate, fit
+from .train import cached_train, evaluate, fit, on_device
 
 BASELINE_SCHEMA = 1
 BUDGET_KEYS = ("n", "epochs", "batch_size", "lr", "weight_decay", "width", "depth", "val_fraction",
@@ -149,12 +149,9 @@ def _build(config: dict[str, Any], task: Task, data: Splits) -> nn.Module:
 def _train(model: nn.Module, config: dict[str, Any], task: Task, data: Splits) -> dict[str, Any]:
     """Train with the config's budget; return the training time and loss curve (metrics are computed on load)."""
     start = time.perf_counter()
-    model.to(config.get("device", "cpu"))
-    try:
+    with on_device(model, config.get("device", "cpu")):
         history = fit(model, task, data.train, epochs=config["epochs"], batch_size=config["batch_size"],
                       lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"],
                       schedule=config["schedule"], seed=config["seed"])
-    finally:
-        model.to("cpu")
     seconds = time.perf_counter() - start
     return {"train_seconds": seconds, "train_loss": history.train_loss}

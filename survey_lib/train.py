@@ -6,6 +6,7 @@ Distillation plugs in as ``extra_loss``; pruning schedules and quantization-awar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -16,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -181,6 +182,22 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: str) -> Iterator[nn.Module]:
+    """``model`` moved IN PLACE to ``device`` inside the block and back where it was after it (even on an error);
+    a model already there does not move, so blocks nest. Parameters keep their identity, so callbacks holding
+    them still see them."""
+    home = model_device(model)
+    if home == torch.device(device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

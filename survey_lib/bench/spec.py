@@ -130,10 +130,10 @@ class Spec:
     def skipped(self) -> list[str]:
         """Why each target or method x target pair the spec names is not run: an optional dataset whose files are
         absent here, or a method that does not support the target."""
-        absent = [f"target {t.task}/{t.dataset}/{t.arch} (when_present): {why}" for t in self.targets
-                  if (why := t.absent()) is not None]
+        why = {t: t.absent() for t in self.targets}
+        absent = [f"target {t.task}/{t.dataset}/{t.arch} (when_present): {w}" for t, w in why.items() if w is not None]
         return absent + [f"{reason} (target {t.task}/{t.dataset}/{t.arch})" for t in self.targets for name in self.methods
-                         if t.absent() is None and (reason := get_method(name).supports(t.task, t.arch)) is not None]
+                         if why[t] is None and (reason := get_method(name).supports(t.task, t.arch)) is not None]
 
 
 class SpecError(ValueError):

@@ -7,9 +7,8 @@ savings (masks, fake-quant) from real ones (smaller tensors, a sparse or low-bit
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -18,22 +17,7 @@ from torch import Tensor, nn
 from .._validate import check_choice, check_device, check_float, check_int, check_seed, check_type
 from ..data import Splits
 from ..tasks import Task
-from ..train import Callback, ExtraLoss, History, evaluate, fit, model_device
-
-@contextlib.contextmanager
-def on_device(model: nn.Module, device: str) -> Iterator[nn.Module]:
-    """``model`` moved IN PLACE to ``device`` inside the block and back where it was after it (even on an error);
-    a model already there does not move, so blocks nest. Parameters keep their identity, so callbacks holding
-    them still see them."""
-    home = model_device(model)
-    if home == torch.device(device):
-        yield model
-        return
-    model.to(device)
-    try:
-        yield model
-    finally:
-        model.to(home)
+from ..train import Callback, ExtraLoss, History, evaluate, fit, on_device
 
 
 # What a method really changes (DESIGN.md section 3).
