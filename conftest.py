@@ -3,6 +3,10 @@
 import os
 import tempfile
 
+from survey_lib._openmp import set_openmp_wait
+
+set_openmp_wait()   # before any test imports torch; nbval's kernels inherit it (see survey_lib._openmp)
+
 
 def pytest_configure(config):
     """Quiet progress bars and send notebook results to a throw-away folder."""

@@ -21,7 +21,7 @@ from torch import nn
 from ._validate import check_choice, check_device, check_seed
 from .data import DATASET_TASKS, DATASETS, Splits, load
 from .models import ARCH_TASKS, ARCHS, build_model
-from .profiles import check_profile
+from .profiles import DEFAULT_THREADS, check_profile, torch_threads
 from .tasks import Task, task_for
 from .train import cached_train, evaluate, fit, on_device
 
@@ -147,9 +147,10 @@ def _build(config: dict[str, Any], task: Task, data: Splits) -> nn.Module:
 
 
 def _train(model: nn.Module, config: dict[str, Any], task: Task, data: Splits) -> dict[str, Any]:
-    """Train with the config's budget; return the training time and loss curve (metrics are computed on load)."""
+    """Train with the config's budget at DEFAULT_THREADS (a checkpoint's bits depend on the thread count and its
+    cache key does not name it); return the training time and loss curve (metrics are computed on load)."""
     start = time.perf_counter()
-    with on_device(model, config.get("device", "cpu")):
+    with on_device(model, config.get("device", "cpu")), torch_threads(DEFAULT_THREADS):
         history = fit(model, task, data.train, epochs=config["epochs"], batch_size=config["batch_size"],
                       lr=config["lr"], weight_decay=config["weight_decay"], optimizer=config["optimizer"],
                       schedule=config["schedule"], seed=config["seed"])

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from . import notebooks as nbtools
 from ._io import atomic_write, atomic_write_text
+from ._openmp import set_openmp_wait
 from .profiles import PROFILES
 
 
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``survey-lib`` console script."""
     args = build_parser().parse_args(argv)
+    set_openmp_wait()   # notebook kernels and sweep workers inherit it (see survey_lib._openmp)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, sqlite3.Error) as exc:

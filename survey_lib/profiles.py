@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,6 +19,18 @@ DEFAULT_THREADS = 2
 def check_profile(profile: str) -> str:
     """Return ``profile`` if it is a known run size, else raise ValueError."""
     return check_choice("profile", profile, PROFILES)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block, then restore the previous value."""
+    check_int("threads", threads, min_value=1, max_value=256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int, threads: int | None = DEFAULT_THREADS, *, deterministic: bool = True) -> None:

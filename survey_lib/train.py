@@ -122,6 +122,9 @@ def fit(
 ) -> History:
     """Train ``model`` IN PLACE on ``train_data`` for ``task`` (the one function here that mutates its input).
 
+    It seeds from ``seed`` and keeps torch's thread count as the caller set it (``seed_everything``,
+    ``torch_threads``), so a benchmark worker's one thread is not silently raised.
+
     ``schedule="cosine"`` decays the learning rate to 0 over the run (a :class:`CosineLR` callback).
     """
     check_model_task_data(model, task, train_data, "train_data")
@@ -130,7 +133,7 @@ def fit(
     _check_fit_args(epochs, batch_size, lr, weight_decay, optimizer, max_steps)
     check_choice("schedule", schedule, SCHEDULES)
     callbacks = _check_hooks(callbacks, extra_loss, progress)
-    seed_everything(seed)
+    seed_everything(seed, threads=None)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     total_steps = epochs * math.ceil(len(train_data) / batch_size)
     if max_steps is not None:

@@ -51,23 +51,9 @@ def bad_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny convs: one thread avoids OpenMP oversubscription on a shared 2-core host (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Tiny convs and tiny nets trained by ``fit`` (which keeps the caller's thread count): one thread avoids
+    OpenMP oversubscription on a shared 2-core host (10-100x faster here on busy days)."""
+    from survey_lib.profiles import torch_threads
 
-
-@pytest.fixture(scope="module")
-def fit_one_thread():
-    """Like ``one_thread``, and ``fit`` keeps it: ``fit`` seeds through ``seed_everything``, which also sets 2
-    threads (on a busy 2-core host 2 threads ran tiny nets ~100x slower). Seeding and determinism are unchanged."""
-    import survey_lib.train as train
-    from survey_lib.profiles import seed_everything
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "seed_everything", lambda seed: seed_everything(seed, threads=None))
+    with torch_threads(1):
         yield
-    torch.set_num_threads(threads)

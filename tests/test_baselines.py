@@ -41,6 +41,21 @@ def test_digits_baseline_reaches_97_percent_and_is_cached(cache, monkeypatch):
     assert torch.equal(first.model(x), second.model(x))
 
 
+def test_baselines_train_at_the_default_thread_count_and_restore_the_callers(cache, monkeypatch):
+    import survey_lib.baselines as baselines_mod
+    from survey_lib.profiles import DEFAULT_THREADS, torch_threads
+
+    seen = []
+    real_fit = baselines_mod.fit
+    monkeypatch.setattr(baselines_mod, "fit", lambda *a, **k: (seen.append(torch.get_num_threads()), real_fit(*a, **k))[1])
+    caller = 3 if DEFAULT_THREADS != 3 else 1
+    with torch_threads(caller):
+        baseline("regression", "shapes", budget={"n": 120, "epochs": 1, "width": 0.25})
+        after = torch.get_num_threads()
+    print(f"caller's threads {caller}; trained at {seen}; after {after}; DEFAULT_THREADS {DEFAULT_THREADS}")
+    assert seen == [DEFAULT_THREADS] and after == caller
+
+
 @pytest.mark.parametrize("task", SHAPE_TASKS)
 def test_shapes_baseline_tiny_budget_smoke(cache, task):
     b = baseline(task, "shapes", budget={"n": 160, "epochs": 1, "width": 0.25})

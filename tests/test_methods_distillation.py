@@ -16,7 +16,7 @@ from survey_lib.models import build_model
 from survey_lib.tasks import get_task, task_for
 from survey_lib.train import Callback
 
-pytestmark = pytest.mark.usefixtures("fit_one_thread")   # tiny layers, trained by fit: see tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny layers, trained by fit: see tests/conftest.py
 
 SIZE = 16
 TASKS = ("classification", "regression", "detection", "segmentation")

@@ -15,7 +15,7 @@ from survey_lib.methods import search as S
 from survey_lib.models import build_model
 from survey_lib.tasks import task_for
 
-pytestmark = pytest.mark.usefixtures("fit_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TASKS = ("classification", "regression", "detection", "segmentation")
 

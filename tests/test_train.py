@@ -50,6 +50,24 @@ def test_fit_is_deterministic_by_seed():
     assert not torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fit_keeps_the_callers_thread_count(threads):
+    from survey_lib.profiles import torch_threads
+
+    seen = []
+
+    class Threads(Callback):
+        def on_step_end(self, state):
+            seen.append(torch.get_num_threads())
+
+    model, task = small_model()
+    with torch_threads(threads):
+        fit(model, task, blobs(), epochs=1, batch_size=32, progress=False, callbacks=[Threads()])
+        after = torch.get_num_threads()
+    print(f"threads set {threads}, seen in training {sorted(set(seen))}, after fit {after}")
+    assert set(seen) == {threads} and after == threads
+
+
 def test_evaluate_restores_training_flag_and_needs_no_grad():
     model, task = small_model()
     for flag in (True, False):

@@ -32,6 +32,7 @@ import torch
 from .._io import atomic_write_json
 from ..host import describe_host, host_info  # re-exported: the host's CPU features beside its roofline
 from .._validate import check_choice, check_float, check_int
+from ..profiles import torch_threads
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -283,18 +284,13 @@ def measure_kernels(precision: str, threads: int, window_s: float | None = None,
     check_int("threads", threads, min_value=1, max_value=256)
     window_s = check_float("window_s", KERNEL_WINDOW_S if window_s is None else window_s, min_value=0)
     rounds = check_int("rounds", KERNEL_ROUNDS if rounds is None else rounds, min_value=1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="survey_lib_kernels_") as d, torch.inference_mode():
-            kernels = _kernels(precision, threads, Path(d))
-            best = {name: math.inf for name in kernels}
-            for _ in range(rounds):
-                for name, (_, fn) in kernels.items():
-                    best[name] = min(best[name], _best_seconds(fn, window_s))
-        return {name: macs / best[name] for name, (macs, _) in kernels.items()}
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="survey_lib_kernels_") as d, torch.inference_mode():
+        kernels = _kernels(precision, threads, Path(d))
+        best = {name: math.inf for name in kernels}
+        for _ in range(rounds):
+            for name, (_, fn) in kernels.items():
+                best[name] = min(best[name], _best_seconds(fn, window_s))
+    return {name: macs / best[name] for name, (macs, _) in kernels.items()}
 
 
 def measure_copy_bytes_per_s(mbytes: int = 64, repeats: int = 5, window_s: float = 0.3) -> float:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .._io import as_path, atomic_write, reading
+from ..profiles import torch_threads  # re-exported: latency helpers set threads for a block
 from .._validate import check_bool, check_choice, check_float, check_int, check_seed, check_type
 from .counting import check_example_input, check_model, eval_mode, is_onnx_model, run_forward
 
@@ -95,18 +96,6 @@ def batch_input(example_input: torch.Tensor, batch: int | None) -> torch.Tensor:
     check_int("batch", batch, min_value=1)
     idx = torch.arange(batch) % example_input.shape[0]
     return example_input.detach()[idx].contiguous()
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's intra-op thread count for the block, then restore the previous value."""
-    check_int("threads", threads, min_value=1, max_value=256)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- ONNX
