@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import notebooks as nbtools
-from ._io import atomic_write, atomic_write_text
 from ._openmp import set_openmp_wait
-from .profiles import PROFILES
+
+# Before torch is imported (through .profiles), so this process's own training, the notebook kernels and the
+# sweep workers it starts all wait the short way (see survey_lib._openmp).
+set_openmp_wait()
+
+from . import notebooks as nbtools  # noqa: E402
+from ._io import atomic_write, atomic_write_text  # noqa: E402
+from .profiles import DEFAULT_THREADS, PROFILES  # noqa: E402
 
 
 @dataclass
@@ -178,6 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.spec import load_spec
 
     spec = load_spec(args.spec).with_device(args.device)
+    if args.threads is not None:
+        spec = spec.with_threads(args.threads)
     runs = spec.runs()
     if args.store is None:
         args.store = str(Path("build") / "bench" / f"{spec.name}.sqlite")
@@ -192,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 0
         start = time.perf_counter()
         with _bench_bar(len(runs) - stored) as bar:
-            runner.compress(spec, store, n_jobs=args.jobs, threads=args.threads, scheduler=args.scheduler,
+            runner.compress(spec, store, n_jobs=args.jobs, scheduler=args.scheduler,
                             progress=lambda done, total, run: bar.update(1))
         where = f"Dask cluster at {args.scheduler}" if args.scheduler else f"{args.jobs} process(es) here"
         print(f"phase 1 (compress, evaluate, count, estimate; {where}): {time.perf_counter() - start:.0f} s")
@@ -309,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=positive_int, default=1,
                        help="processes for phase 1 on this machine (joblib); latency is always measured serially after it")
     bench.add_argument("--threads", type=positive_int, default=None,
-                       help="torch threads per process (default: the usable cores shared out among --jobs)")
+                       help=f"torch threads per run (default {DEFAULT_THREADS}); part of each run's key, since fine-tuned "
+                            "weights differ in their last bits between thread counts; keep --jobs x --threads within the cores")
     bench.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run phase 1 on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786; "
                             "start workers with --nthreads 1); latency is still measured here, serially")
@@ -324,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``survey-lib`` console script."""
     args = build_parser().parse_args(argv)
-    set_openmp_wait()   # notebook kernels and sweep workers inherit it (see survey_lib._openmp)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, sqlite3.Error) as exc:

@@ -123,7 +123,8 @@ def fit(
     """Train ``model`` IN PLACE on ``train_data`` for ``task`` (the one function here that mutates its input).
 
     It seeds from ``seed`` and keeps torch's thread count as the caller set it (``seed_everything``,
-    ``torch_threads``), so a benchmark worker's one thread is not silently raised.
+    ``torch_threads``), so a benchmark worker's one thread is not silently raised; a process that never set it
+    trains at torch's default (every core), and weights differ in their last bits between thread counts.
 
     ``schedule="cosine"`` decays the learning rate to 0 over the run (a :class:`CosineLR` callback).
     """

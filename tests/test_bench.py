@@ -332,11 +332,11 @@ def test_a_sweep_stores_every_run_once_and_resumes_where_it_stopped(tmp_path, mo
     real = runner.execute
     calls = []
 
-    def flaky(run, hardware, threads=None):
+    def flaky(run, hardware):
         calls.append(run.key)
         if len(calls) == 2:
             raise KeyboardInterrupt   # the sweep is interrupted during its second run
-        return real(run, hardware, threads)
+        return real(run, hardware)
 
     monkeypatch.setattr(runner, "execute", flaky)
     with bench.ResultsStore(path) as store, pytest.raises(KeyboardInterrupt):
@@ -499,10 +499,10 @@ def comparable(table: pd.DataFrame) -> pd.DataFrame:
 def test_parallel_workers_give_the_same_rows_as_the_sequential_path(tmp_path):
     from survey_lib.bench import runner
 
-    spec = tiny_spec({"magnitude_prune": [4], "ptq": [8]})
+    spec = tiny_spec({"magnitude_prune": [4], "ptq": [8]}).with_threads(1)
     with bench.ResultsStore(tmp_path / "seq.sqlite") as seq, bench.ResultsStore(tmp_path / "par.sqlite") as par:
-        assert runner.compress(spec, seq, threads=1) == 3
-        assert runner.compress(spec, par, n_jobs=2, threads=1) == 3
+        assert runner.compress(spec, seq) == 3
+        assert runner.compress(spec, par, n_jobs=2) == 3
         a, b = comparable(seq.table()), comparable(par.table())
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
     assert set(a["method"]) == {"baseline", "magnitude_prune", "ptq"}
@@ -514,12 +514,12 @@ def test_a_dask_cluster_gives_the_same_rows_as_the_sequential_path(tmp_path):
 
     from survey_lib.bench import runner
 
-    spec = tiny_spec({"magnitude_prune": [4], "ptq": [8]})
+    spec = tiny_spec({"magnitude_prune": [4], "ptq": [8]}).with_threads(1)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
             bench.ResultsStore(tmp_path / "seq.sqlite") as seq, bench.ResultsStore(tmp_path / "dask.sqlite") as dsk:
-        assert runner.compress(spec, seq, threads=1) == 3
-        assert runner.compress(spec, dsk, threads=1, scheduler=cluster.scheduler_address) == 3
-        assert runner.compress(spec, dsk, threads=1, scheduler=cluster.scheduler_address) == 0   # resumable there too
+        assert runner.compress(spec, seq) == 3
+        assert runner.compress(spec, dsk, scheduler=cluster.scheduler_address) == 3
+        assert runner.compress(spec, dsk, scheduler=cluster.scheduler_address) == 0   # resumable there too
         a, b = comparable(seq.table()), comparable(dsk.table())
         assert all(runner.model_path(dsk, k).exists() for k in b["key"])   # the parent wrote every model
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
@@ -597,6 +597,37 @@ def test_run_keys_follow_the_library_code(monkeypatch):
         SP.bench_code_fingerprint.cache_clear()
 
 
+def test_the_thread_count_is_part_of_every_run_key_and_is_what_the_run_trains_at(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import survey_lib.methods.base as methods_base
+    from survey_lib.bench import runner
+    from survey_lib.profiles import DEFAULT_THREADS
+
+    spec = tiny_spec({"magnitude_prune": [4]})
+    assert {r.threads for r in spec.runs()} == {DEFAULT_THREADS}
+    one = spec.with_threads(1)
+    assert [r.key for r in one.runs()] != [r.key for r in spec.runs()]   # other last bits: never the same row
+    with pytest.raises(ValueError, match="threads=0"):
+        spec.with_threads(0)
+    seen = []
+    real_fit = methods_base.fit
+    monkeypatch.setattr(methods_base, "fit", lambda *a, **k: (seen.append(torch.get_num_threads()), real_fit(*a, **k))[1])
+    run = one.runs()[-1]
+    row, _, _ = runner.execute(run, one.hardware)
+    print(f"run at threads={run.threads}: fine-tuned at {seen}, config threads {row['config']['threads']}")
+    assert seen and set(seen) == {1} and row["config"]["threads"] == 1
+    assert replace(run, threads=2).key != run.key
+
+
+def test_more_workers_than_cores_warn_before_they_oversubscribe(tmp_path, monkeypatch):
+    from survey_lib.bench import runner
+
+    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store, pytest.warns(RuntimeWarning, match="n_jobs=2 processes x 2 torch threads"):
+        runner.compress(tiny_spec({"ptq": [8]}).with_threads(2), store, n_jobs=2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Devices
 # ----------------------------------------------------------------------------------------------------------
@@ -612,7 +643,7 @@ def test_the_device_is_part_of_every_run_key_and_recorded_with_the_run(tmp_path)
     assert {r.device for r in spec.runs()} == {"cpu"} and spec.with_device("cpu").runs() == spec.runs()
     run = spec.runs()[-1]
     assert replace(run, device="cuda").key != run.key   # GPU kernels round differently: never the same row
-    row, _, model = runner.execute(run, spec.hardware, threads=1)
+    row, _, model = runner.execute(replace(run, threads=1), spec.hardware)
     assert row["config"]["device"] == "cpu" and next(model.parameters()).device.type == "cpu"
 
 
@@ -634,7 +665,8 @@ def test_a_cuda_sweep_trains_there_and_stores_cpu_models_with_metrics_near_the_c
     spec = tiny_spec({"l1_filter_prune": [2], "magnitude_prune": [4], "ptq": [8], "kd_thin_student": [4],
                       "kmeans_share": [8]})
     with bench.ResultsStore(tmp_path / "cpu.sqlite") as cpu, bench.ResultsStore(tmp_path / "gpu.sqlite") as gpu:
-        assert runner.compress(spec, cpu, threads=1) == runner.compress(spec.with_device("cuda"), gpu, threads=1) == 6
+        spec = spec.with_threads(1)
+        assert runner.compress(spec, cpu) == runner.compress(spec.with_device("cuda"), gpu) == 6
         assert runner.time_runs(spec.with_device("cuda"), gpu, runs=5) == 6
         a, b = cpu.table().set_index("method"), gpu.table().set_index("method")
         for key in b["key"]:

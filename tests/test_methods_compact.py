@@ -216,14 +216,6 @@ def test_swapped_models_of_other_tasks_run_in_onnx_runtime(task, tmp_path):
     check_ort_matches(out, ort_session(export_onnx(out, x, tmp_path / "m.onnx")), x)
 
 
-@pytest.fixture
-def back_to_one_thread():
-    """ctx.finetune (train.fit) sets 2 threads; the tiny layers of the tests after it run faster on one."""
-    yield
-    torch.set_num_threads(1)
-
-
-@pytest.mark.usefixtures("back_to_one_thread")
 def test_replace_blocks_trains_a_marked_copy_through_the_context(ctx):
     model = tiny_cnn(ctx).eval()
     before = copy.deepcopy(model.state_dict())
@@ -244,7 +236,6 @@ def test_replace_blocks_trains_a_marked_copy_through_the_context(ctx):
     assert not out.training
 
 
-@pytest.mark.usefixtures("back_to_one_thread")
 def test_replace_blocks_on_segmentation():
     data = load("shapes", "segmentation", n=48, image_size=16)
     sctx = Context(task=task_for(data), data=data, budget=1, batch_size=16)

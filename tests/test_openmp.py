@@ -16,6 +16,9 @@ def test_set_openmp_wait_fills_only_what_is_unset():
     empty: dict[str, str] = {}
     set_openmp_wait(empty)
     assert empty == SPIN_ENV
+    policy = {"OMP_WAIT_POLICY": "PASSIVE"}
+    set_openmp_wait(policy)
+    assert policy == {"OMP_WAIT_POLICY": "PASSIVE"}   # a spin count would override the user's policy
 
 
 def test_the_test_session_and_its_children_have_it():
@@ -27,11 +30,22 @@ def test_the_test_session_and_its_children_have_it():
     assert out == os.environ["GOMP_SPINCOUNT"]
 
 
-def test_the_cli_sets_it_for_the_kernels_and_workers_it_starts(monkeypatch, capsys):
-    from survey_lib import cli
+_AT_TORCH_IMPORT = """
+import builtins, os
+real, seen = builtins.__import__, []
+def spy(name, *args, **kwargs):
+    if name.split(".")[0] == "torch" and not seen:
+        seen.append(os.environ.get("GOMP_SPINCOUNT"))
+    return real(name, *args, **kwargs)
+builtins.__import__ = spy
+import survey_lib.cli
+print(seen[0] if seen else "torch never imported")
+"""
 
-    for name in SPIN_ENV:
-        monkeypatch.delenv(name, raising=False)
-    assert cli.main(["bench", "--dry-run"]) == 0
-    print(capsys.readouterr().out.splitlines()[0])
-    assert all(os.environ.get(k) == v for k, v in SPIN_ENV.items())
+
+def test_the_cli_sets_it_before_torch_is_imported():
+    """libgomp reads it when torch loads: the console script's own process (the sweep trains there) must have it."""
+    env = {k: v for k, v in os.environ.items() if k not in SPIN_ENV and k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", _AT_TORCH_IMPORT], capture_output=True, text=True, check=True, env=env)
+    print(f"GOMP_SPINCOUNT when survey_lib.cli first imports torch: {out.stdout.strip()}")
+    assert out.stdout.strip() == SPIN_ENV["GOMP_SPINCOUNT"]

@@ -48,9 +48,10 @@ def _load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str, 
     return baseline(task, dataset, profile=profile, seed=seed, arch=arch, device=device)
 
 
-def prepare_baselines(spec: Spec) -> int:
-    """Load, training where missing, every baseline the spec's runs start from; returns how many there are."""
-    needed = sorted({(r.task, r.dataset, r.baseline_profile, r.seed, r.arch, r.device) for r in spec.runs()})
+def prepare_baselines(spec: Spec, runs: Sequence[Run] | None = None) -> int:
+    """Load, training where missing, every baseline the spec's runs (or ``runs``) start from; returns how many."""
+    chosen = spec.runs() if runs is None else runs
+    needed = sorted({(r.task, r.dataset, r.baseline_profile, r.seed, r.arch, r.device) for r in chosen})
     for args in needed:
         _load_baseline(*args)
     return len(needed)
@@ -74,15 +75,15 @@ def cost_rows(report: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def execute(run: Run, hardware: Sequence[str], threads: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], nn.Module]:
+def execute(run: Run, hardware: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]], nn.Module]:
     """One run: the method on the shared baseline, its test metrics and its cost figures (no latency), at
-    ``threads`` torch threads (default: every usable core); the baseline's training, the method's fine-tuning and
-    the test evaluation run on ``run.device``, the rest of the method and the cost report on the CPU."""
+    ``run.threads`` torch threads; the baseline's training, the method's fine-tuning and the test evaluation run
+    on ``run.device``, the rest of the method and the cost report on the CPU."""
     from ..cost import profile
     from ..host import host_info
     from ..profiles import seed_everything
 
-    threads = usable_cores() if threads is None else threads
+    threads = run.threads
     method = get_method(run.method)
     base = _baseline(run)
     ctx = _context(base, run)
@@ -120,23 +121,23 @@ def usable_cores() -> int:
     return int(host_info()["usable_cpus"])
 
 
-def _job(run: Run, hardware: Sequence[str], threads: int) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
+def _job(run: Run, hardware: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
     """:func:`execute`, with the model returned as bytes so that only the parent writes files, even when the
     worker is on another machine."""
     import io
 
-    row, costs, model = execute(run, hardware, threads)
+    row, costs, model = execute(run, hardware)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     return row, costs, buffer.getvalue()
 
 
-def _in_worker(run: Run, hardware: Sequence[str], threads: int) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
-    """:func:`_job` in a worker process (joblib or Dask), whose OpenMP pools are sized to ``threads`` too."""
+def _in_worker(run: Run, hardware: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
+    """:func:`_job` in a worker process (joblib or Dask), whose OpenMP pools are sized to ``run.threads`` too."""
     import os
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    return _job(run, hardware, threads)
+    os.environ["OMP_NUM_THREADS"] = str(run.threads)
+    return _job(run, hardware)
 
 
 def _keep(store: ResultsStore, run: Run, row: dict[str, Any], costs: list[dict[str, Any]], blob: bytes) -> None:
@@ -206,38 +207,40 @@ def _on_dask(runs: Sequence[Run], args: Callable[[Run], tuple], address: str) ->
         client.close()
 
 
-def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, threads: int | None = None, scheduler: str | None = None,
+def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, scheduler: str | None = None,
              progress: Callable[[int, int, Run], None] | None = None) -> int:
     """Phase 1: execute every run of ``spec`` that ``store`` lacks, sequentially, in ``n_jobs`` processes on this
     machine (joblib), or on the Dask cluster whose scheduler is at address ``scheduler`` (workers started with
-    ``--nthreads 1``), at ``threads`` torch threads per run (default: the usable cores shared out among the
-    processes here; 1 on a cluster). Only this process writes: the store, one run per transaction, and the
-    models beside it; returns how many ran."""
+    ``--nthreads 1``), each run at ``spec.threads`` torch threads (part of its key). The baselines are loaded, or
+    trained, here first. Only this process writes: the store, one run per transaction, and the models beside
+    it; returns how many ran."""
+    import warnings
+
     from .._validate import check_int, check_type
 
     n_jobs = check_int("n_jobs", n_jobs, min_value=1, max_value=256)
-    if threads is not None:
-        threads = check_int("threads", threads, min_value=1, max_value=256)
     if scheduler is not None:
         check_type("scheduler", scheduler, str, "a Dask scheduler address such as 'tcp://10.0.0.5:8786'")
     todo = [r for r in spec.runs() if not store.has(r.key) or not model_path(store, r.key).exists()]
-    if "host" in spec.hardware:
+    if scheduler is None and n_jobs * spec.threads > usable_cores():
+        warnings.warn(f"n_jobs={n_jobs} processes x {spec.threads} torch threads exceed the {usable_cores()} usable cores "
+                      "here: the workers will oversubscribe them and run far slower; lower n_jobs, or the threads per run "
+                      "(Spec.with_threads, --threads; other run keys)", RuntimeWarning, stacklevel=2)
+    if "host" in spec.hardware and todo:
         from ..cost.hardware import host_profile
 
         host_profile()   # measured (or read from its cache) here, before any worker trains beside it
+    prepare_baselines(spec, todo)   # trained here, once, not by several workers at a time
     # methods that time candidates while they run go last, one at a time, in this process
     spread = scheduler is not None or n_jobs > 1
     parallel = [r for r in todo if spread and not get_method(r.method).measures_latency]
     serial = [r for r in todo if r not in parallel]
-    local = max(1, usable_cores() // n_jobs) if threads is None else threads
-    remote = 1 if threads is None else threads
     streams: list[Iterator[tuple[Run, tuple]]] = []
     if parallel and scheduler is not None:
-        streams.append(_on_dask(parallel, lambda r: (r, tuple(spec.hardware), remote), scheduler))
+        streams.append(_on_dask(parallel, lambda r: (r, tuple(spec.hardware)), scheduler))
     elif parallel:
-        streams.append(_on_joblib(parallel, lambda r: (r, tuple(spec.hardware), local), n_jobs))
-    usable = max(1, usable_cores()) if threads is None else threads
-    streams.append((r, _job(r, tuple(spec.hardware), usable)) for r in serial)
+        streams.append(_on_joblib(parallel, lambda r: (r, tuple(spec.hardware)), n_jobs))
+    streams.append((r, _job(r, tuple(spec.hardware))) for r in serial)
     done = 0
     try:
         for stream in streams:

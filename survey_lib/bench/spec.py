@@ -2,7 +2,9 @@
 architectures x seeds x hardware targets, validated whole before any training starts.
 
 Every method starts from the same baseline checkpoint (``baseline_profile``, per task and seed) and gets the
-same fine-tuning budget (``finetune_epochs``); the spec states both, and both are in every run's key.
+same fine-tuning budget (``finetune_epochs``); the spec states both, and both are in every run's key. So are the
+device and the torch thread count a run trains at (``with_device``, ``with_threads``): fine-tuned weights differ
+in their last bits between them, so a store never mixes them under one key.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..profiles import DEFAULT_THREADS
 from .registry import get_method
 
 SPEC_KEYS = {"bench", "targets", "methods"}
@@ -54,6 +57,7 @@ class Run:
     finetune_epochs: int
     hardware: tuple[str, ...] = ()
     device: str = "cpu"   # where the baseline and the method's fine-tuning train; latency is always the host's
+    threads: int = DEFAULT_THREADS   # torch threads the method and its fine-tuning run at (baselines: DEFAULT_THREADS)
 
     @property
     def key(self) -> str:
@@ -95,6 +99,7 @@ class Spec:
     expected_minutes: float | None = None
     source: str = ""
     device: str = "cpu"
+    threads: int = DEFAULT_THREADS
 
     def runs(self) -> list[Run]:
         """Every run the spec asks for, the unchanged baseline first, in a fixed order (target, method, point, seed)."""
@@ -110,7 +115,7 @@ class Spec:
                 for point in points:
                     for seed in self.seeds:
                         out.append(Run(name, point, t.task, t.dataset, t.arch, seed, self.baseline_profile,
-                                       self.finetune_epochs, self.hardware, self.device))
+                                       self.finetune_epochs, self.hardware, self.device, self.threads))
         return out
 
     def with_seeds(self, first: int) -> "Spec":
@@ -126,6 +131,13 @@ class Spec:
         from .._validate import check_device
 
         return replace(self, device=check_device(device))
+
+    def with_threads(self, threads: int) -> "Spec":
+        """The same spec with each run at ``threads`` torch threads (default DEFAULT_THREADS): every run gets
+        another key, since fine-tuned weights differ in their last bits between thread counts."""
+        from .._validate import check_int
+
+        return replace(self, threads=check_int("threads", threads, min_value=1, max_value=256))
 
     def skipped(self) -> list[str]:
         """Why each target or method x target pair the spec names is not run: an optional dataset whose files are
