@@ -7,7 +7,7 @@ on the project's 2-core host (two 1-epoch fine-tunes on the shapes segmentation 
 with one core kept busy by another process, 24 s at the default spin count and 18.6 s at 1000 spins; on a
 quiet machine no difference beyond the noise (9.3 s and 9.3 s). It never changes a trained weight or a metric, only how threads wait (2-thread timings may move).
 The variable is read when torch is imported, so it is set here, in the environment that child processes
-inherit, and only where the user has not set it.
+inherit, and only where the user has set neither it nor OMP_WAIT_POLICY.
 """
 
 from __future__ import annotations

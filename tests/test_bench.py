@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sqlite3
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -623,9 +624,22 @@ def test_the_thread_count_is_part_of_every_run_key_and_is_what_the_run_trains_at
 def test_more_workers_than_cores_warn_before_they_oversubscribe(tmp_path, monkeypatch):
     from survey_lib.bench import runner
 
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop   # the warning comes before any training: nothing needs to run
+
     monkeypatch.setattr(runner, "usable_cores", lambda: 2)
-    with bench.ResultsStore(tmp_path / "s.sqlite") as store, pytest.warns(RuntimeWarning, match="n_jobs=2 processes x 2 torch threads"):
-        runner.compress(tiny_spec({"ptq": [8]}).with_threads(2), store, n_jobs=2)
+    monkeypatch.setattr(runner, "prepare_baselines", stop)
+    with bench.ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.warns(RuntimeWarning, match="n_jobs=2 processes x 2 torch threads"), pytest.raises(Stop):
+            runner.compress(tiny_spec({"ptq": [8]}).with_threads(2), store, n_jobs=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # one process, or 2 x 1 thread on 2 cores: no warning
+            for jobs, threads in ((1, 2), (2, 1)):
+                with pytest.raises(Stop):
+                    runner.compress(tiny_spec({"ptq": [8]}).with_threads(threads), store, n_jobs=jobs)
 
 
 # ----------------------------------------------------------------------------------------------------------

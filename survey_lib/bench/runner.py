@@ -211,8 +211,8 @@ def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, scheduler: str
              progress: Callable[[int, int, Run], None] | None = None) -> int:
     """Phase 1: execute every run of ``spec`` that ``store`` lacks, sequentially, in ``n_jobs`` processes on this
     machine (joblib), or on the Dask cluster whose scheduler is at address ``scheduler`` (workers started with
-    ``--nthreads 1``), each run at ``spec.threads`` torch threads (part of its key). The baselines are loaded, or
-    trained, here first. Only this process writes: the store, one run per transaction, and the models beside
+    ``--nthreads 1``), each run at ``spec.threads`` torch threads (part of its key). On this machine the baselines
+    are loaded, or trained, here first. Only this process writes: the store, one run per transaction, and the models beside
     it; returns how many ran."""
     import warnings
 
@@ -222,7 +222,7 @@ def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, scheduler: str
     if scheduler is not None:
         check_type("scheduler", scheduler, str, "a Dask scheduler address such as 'tcp://10.0.0.5:8786'")
     todo = [r for r in spec.runs() if not store.has(r.key) or not model_path(store, r.key).exists()]
-    if scheduler is None and n_jobs * spec.threads > usable_cores():
+    if todo and scheduler is None and n_jobs > 1 and n_jobs * spec.threads > usable_cores():
         warnings.warn(f"n_jobs={n_jobs} processes x {spec.threads} torch threads exceed the {usable_cores()} usable cores "
                       "here: the workers will oversubscribe them and run far slower; lower n_jobs, or the threads per run "
                       "(Spec.with_threads, --threads; other run keys)", RuntimeWarning, stacklevel=2)
@@ -230,7 +230,8 @@ def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, scheduler: str
         from ..cost.hardware import host_profile
 
         host_profile()   # measured (or read from its cache) here, before any worker trains beside it
-    prepare_baselines(spec, todo)   # trained here, once, not by several workers at a time
+    if scheduler is None:
+        prepare_baselines(spec, todo)   # trained here, once, not by several workers at a time (a cluster's own)
     # methods that time candidates while they run go last, one at a time, in this process
     spread = scheduler is not None or n_jobs > 1
     parallel = [r for r in todo if spread and not get_method(r.method).measures_latency]
