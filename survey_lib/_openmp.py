@@ -5,7 +5,8 @@ times before it sleeps. On a 2-core machine whose other core is busy (another pr
 threads), a 2-thread team then burns its core spinning while it waits for its descheduled partner. Measured
 on the project's 2-core host (two 1-epoch fine-tunes on the shapes segmentation baseline, median of 2-3 runs):
 with one core kept busy by another process, 24 s at the default spin count and 18.6 s at 1000 spins; on a
-quiet machine no difference beyond the noise (9.3 s and 9.3 s). It never changes a trained weight or a metric, only how threads wait (2-thread timings may move).
+quiet machine no difference beyond the noise (9.3 s and 9.3 s). It never changes a trained weight or a metric,
+only how threads wait (2-thread timings may move).
 The variable is read when torch is imported, so it is set here, in the environment that child processes
 inherit, and only where the user has set neither it nor OMP_WAIT_POLICY.
 """

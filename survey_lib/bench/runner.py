@@ -212,8 +212,8 @@ def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, scheduler: str
     """Phase 1: execute every run of ``spec`` that ``store`` lacks, sequentially, in ``n_jobs`` processes on this
     machine (joblib), or on the Dask cluster whose scheduler is at address ``scheduler`` (workers started with
     ``--nthreads 1``), each run at ``spec.threads`` torch threads (part of its key). On this machine the baselines
-    are loaded, or trained, here first. Only this process writes: the store, one run per transaction, and the models beside
-    it; returns how many ran."""
+    are loaded, or trained, here first. Only this process writes: the store, one run per transaction, and the
+    models beside it; returns how many ran."""
     import warnings
 
     from .._validate import check_int, check_type
