@@ -192,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_plan(spec, f"{len(runs)} runs, no store yet at {args.store}")
         return 0
     with ResultsStore(args.store) as store:
-        stored = sum(store.has(r.key) and runner.model_path(store, r.key).exists() for r in runs)   # as compress counts
+        stored = runner.stored_runs(spec, store)   # as compress counts
         _print_plan(spec, f"{len(runs)} runs, {stored} already in {store.path}, {len(runs) - stored} to run"
                     + (f"; expected about {spec.expected_minutes:g} min from scratch" if spec.expected_minutes else ""))
         if args.dry_run:

@@ -87,11 +87,14 @@ def good_spec() -> dict:
             "methods": {"magnitude_prune": [2, 8], "depthwise_separable": []}}
 
 
-def test_shipped_specs_load_and_the_default_covers_every_family_three_tasks_hardware_and_seeds():
+def test_shipped_specs_load_and_the_default_covers_every_family_every_shapes_task_hardware_and_seeds():
+    from survey_lib.data import TASKS
+
     default = SP.load_spec(ROOT / "data/bench/default.toml")
     families = {bench.get_method(m).family for m in default.methods}
     assert set(MAIN_FAMILIES) <= families
-    assert len({t.task for t in default.targets}) >= 3 and len(default.seeds) >= 3 and len(default.hardware) >= 3
+    assert {t.task for t in default.targets if t.dataset == "shapes"} == set(TASKS)   # notebook 08 compares them
+    assert len(default.seeds) >= 3 and len(default.hardware) >= 3
     full = SP.load_spec(ROOT / "data/bench/full.toml")
     assert set(default.methods) <= set(full.methods) and len(full.runs()) > len(default.runs())
 
@@ -688,3 +691,22 @@ def test_a_cuda_sweep_trains_there_and_stores_cpu_models_with_metrics_near_the_c
             assert {p.device.type for p in model.parameters()} == {"cpu"}
         assert set(gpu.runs()["config"].map(lambda c: c["device"])) == {"cuda"}
     assert (abs(a["metric.accuracy"] - b["metric.accuracy"]) < 0.1).all()   # other kernels, same method
+
+
+def test_sweep_completes_a_store_once_and_refuses_to_run_when_told_not_to(tmp_path):
+    from survey_lib.bench import runner
+
+    spec = tiny_spec({"ptq": [4, 8]})
+    path = tmp_path / "bench.sqlite"
+    with pytest.raises(RuntimeError, match=r"holds 0 of 3 runs: build it first with `survey-lib bench"):
+        runner.sweep(spec, path, run_missing=False)
+    first = runner.sweep(spec, path)
+    assert (first.runs, first.stored_before, first.baselines, first.ran, first.timed) == (3, 0, 1, 3, 3)
+    assert sorted(first.table["key"]) == sorted(r.key for r in spec.runs())
+    assert first.table["host.latency_ratio [measured]"].notna().all()
+    again = runner.sweep(spec, path, run_missing=False)
+    assert (again.stored_before, again.baselines, again.ran, again.timed) == (3, 0, 0, 0)
+    assert "3 of 3 runs were already stored" in again.describe()
+    pd.testing.assert_frame_equal(first.table, again.table)
+    with pytest.raises(TypeError, match="run_missing"):
+        runner.sweep(spec, path, run_missing="no")

@@ -29,7 +29,7 @@ def _primary(table: pd.DataFrame) -> pd.Series:
 MIN_SEEDS = 3   # a verdict needs at least this many seeds
 
 
-def _verdict(low: float, high: float, seeds: int) -> str:
+def verdict(low: float, high: float, seeds: int) -> str:
     """The verdict on a paired change over ``seeds`` seeds (those with a baseline)."""
     if seeds < MIN_SEEDS:
         return f"no verdict ({seeds} seed{'s' * (seeds != 1)} paired with a baseline; needs {MIN_SEEDS})"
@@ -58,7 +58,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
                 delta=("delta", "mean"), delta_low=("delta", "min"), delta_high=("delta", "max"))
     out = out.join(g[costs].mean()).reset_index()
     out["metric_name"] = out["task"].map(PRIMARY)
-    out["verdict"] = [_verdict(lo, hi, n) if m != REFERENCE else "" for m, lo, hi, n in
+    out["verdict"] = [verdict(lo, hi, n) if m != REFERENCE else "" for m, lo, hi, n in
                       zip(out["method"], out["delta_low"], out["delta_high"], out["paired"])]
     out["point"] = out["point"].where(out["point"] >= 0)
     return out

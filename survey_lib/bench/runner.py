@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -36,13 +38,13 @@ def model_path(store: ResultsStore, key: str) -> Path:
 
 
 def _baseline(run: Run) -> Any:
-    return _load_baseline(run.task, run.dataset, run.baseline_profile, run.seed, run.arch, run.device)
+    return load_baseline(run.task, run.dataset, run.baseline_profile, run.seed, run.arch, run.device)
 
 
 @functools.lru_cache(maxsize=16)
-def _load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str, device: str = "cpu") -> Any:
+def load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str, device: str = "cpu") -> Any:
     """A baseline (on the CPU; trained on ``device``), loaded and evaluated once per process: every method reads
-    it and none changes it."""
+    it and none may change it."""
     from ..baselines import baseline
 
     return baseline(task, dataset, profile=profile, seed=seed, arch=arch, device=device)
@@ -53,7 +55,7 @@ def prepare_baselines(spec: Spec, runs: Sequence[Run] | None = None) -> int:
     chosen = spec.runs() if runs is None else runs
     needed = sorted({(r.task, r.dataset, r.baseline_profile, r.seed, r.arch, r.device) for r in chosen})
     for args in needed:
-        _load_baseline(*args)
+        load_baseline(*args)
     return len(needed)
 
 
@@ -221,7 +223,7 @@ def compress(spec: Spec, store: ResultsStore, *, n_jobs: int = 1, scheduler: str
     n_jobs = check_int("n_jobs", n_jobs, min_value=1, max_value=256)
     if scheduler is not None:
         check_type("scheduler", scheduler, str, "a Dask scheduler address such as 'tcp://10.0.0.5:8786'")
-    todo = [r for r in spec.runs() if not store.has(r.key) or not model_path(store, r.key).exists()]
+    todo = _missing(spec, store)
     if todo and scheduler is None and n_jobs > 1 and n_jobs * spec.threads > usable_cores():
         warnings.warn(f"n_jobs={n_jobs} processes x {spec.threads} torch threads exceed the {usable_cores()} usable cores "
                       "here: the workers will oversubscribe them and run far slower; lower n_jobs, or the threads per run "
@@ -281,3 +283,58 @@ def _latency_rows(lat: dict[str, Any], threads: int) -> Iterable[dict[str, Any]]
             {"hardware": "host", "name": "latency_iqr_ms", "value": model.iqr_ms, "kind": "measured", "unit": f"ms ({note})"},
             {"hardware": "host", "name": "latency_ratio", "value": model.median_ms / base.median_ms, "kind": "measured",
              "unit": f"x baseline, same call ({note})"}]
+
+
+def _missing(spec: Spec, store: ResultsStore) -> list[Run]:
+    return [r for r in spec.runs() if not store.has(r.key) or not model_path(store, r.key).exists()]
+
+
+def stored_runs(spec: Spec, store: ResultsStore) -> int:
+    """How many of ``spec``'s runs ``store`` holds with their model (those :func:`compress` will not run again)."""
+    return len(spec.runs()) - len(_missing(spec, store))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What :func:`sweep` found and did, and the store's rows of the spec's runs."""
+
+    table: pd.DataFrame
+    runs: int             # runs in the spec
+    stored_before: int    # of them already in the store, with their model
+    baselines: int        # baselines loaded (or trained) here
+    ran: int              # runs executed in phase 1
+    timed: int            # runs timed in phase 2
+    seconds: dict[str, float]   # wall time of "baselines", "phase 1" and "phase 2"
+
+    def describe(self) -> str:
+        """One line: what was stored, what ran and timed, and how long each step took."""
+        s = self.seconds
+        return (f"{self.stored_before} of {self.runs} runs were already stored; {self.baselines} baselines ready in "
+                f"{s['baselines']:.0f} s; phase 1 ran {self.ran} in {s['phase 1']:.0f} s; phase 2 timed {self.timed} "
+                f"serially in {s['phase 2']:.0f} s")
+
+
+def sweep(spec: Spec, path: str | Path, *, n_jobs: int = 1, run_missing: bool = True) -> Sweep:
+    """The results store at ``path`` completed for ``spec`` and read back: the runs it lacks are executed (phase 1,
+    :func:`compress`) and timed (phase 2, :func:`time_runs`) first. With ``run_missing=False`` a store that lacks
+    runs raises RuntimeError naming the command that builds it (for sweeps too long for a notebook)."""
+    from .._validate import check_type
+
+    check_type("run_missing", run_missing, bool, "True or False")
+    seconds = {}
+    with ResultsStore(path) as store:
+        before = stored_runs(spec, store)
+        if not run_missing and before < len(spec.runs()):
+            raise RuntimeError(f"the {spec.name!r} store at {store.path} holds {before} of {len(spec.runs())} runs: build "
+                               f"it first with `survey-lib bench {spec.source} --store {store.path}`"
+                               + (f" (expected about {spec.expected_minutes:g} min)" if spec.expected_minutes else ""))
+        start = time.perf_counter()
+        todo = _missing(spec, store)
+        baselines = prepare_baselines(spec, todo) if todo else 0
+        seconds["baselines"] = time.perf_counter() - start
+        ran = compress(spec, store, n_jobs=n_jobs)
+        seconds["phase 1"] = time.perf_counter() - start - seconds["baselines"]
+        timed = time_runs(spec, store)
+        seconds["phase 2"] = time.perf_counter() - start - seconds["baselines"] - seconds["phase 1"]
+        table = store.table([r.key for r in spec.runs()])
+    return Sweep(table, len(spec.runs()), before, baselines, ran, timed, seconds)
