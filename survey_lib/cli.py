@@ -183,6 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.spec import load_spec
 
     spec = load_spec(args.spec).with_device(args.device)
+    if args.seed is not None:
+        spec = spec.with_seeds(args.seed)
     if args.threads is not None:
         spec = spec.with_threads(args.threads)
     runs = spec.runs()
@@ -192,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_plan(spec, f"{len(runs)} runs, no store yet at {args.store}")
         return 0
     with ResultsStore(args.store) as store:
-        stored = runner.stored_runs(spec, store)   # as compress counts
+        stored = runner.stored_runs(spec, store)
         _print_plan(spec, f"{len(runs)} runs, {stored} already in {store.path}, {len(runs) - stored} to run"
                     + (f"; expected about {spec.expected_minutes:g} min from scratch" if spec.expected_minutes else ""))
         if args.dry_run:
@@ -226,7 +228,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _print_plan(spec: Any, counts: str) -> None:
     """The spec's name and source, ``counts``, and why each skipped method x target pair is not run."""
-    print(f"spec {spec.name!r} ({spec.source}): {counts}" + (f"; training on {spec.device}" if spec.device != "cpu" else ""))
+    print(f"spec {spec.name!r} ({spec.source}): {counts}; seeds {list(spec.seeds)}"
+          + (f"; training on {spec.device}" if spec.device != "cpu" else ""))
     for reason in spec.skipped():
         print(f"  not run: {reason}")
 
@@ -324,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu",
                        help="where baselines and fine-tuning train: cpu (default), cuda or cuda:N (runs get their own keys; "
                             "latency is still measured on this machine's CPU)")
+    bench.add_argument("--seed", type=int, default=None, metavar="N",
+                       help="shift the spec's seeds to N, N+1, ... (as many as it lists), as notebooks 08 and 10's seed "
+                            "parameter does")
     bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sqlite3
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_shipped_specs_load_and_the_default_covers_every_family_every_shapes_tas
     default = SP.load_spec(ROOT / "data/bench/default.toml")
     families = {bench.get_method(m).family for m in default.methods}
     assert set(MAIN_FAMILIES) <= families
-    assert {t.task for t in default.targets if t.dataset == "shapes"} == set(TASKS)   # notebook 08 compares them
+    assert {r.task for r in default.runs() if r.dataset == "shapes"} == set(TASKS)   # notebook 08 compares them
     assert len(default.seeds) >= 3 and len(default.hardware) >= 3
     full = SP.load_spec(ROOT / "data/bench/full.toml")
     assert set(default.methods) <= set(full.methods) and len(full.runs()) > len(default.runs())
@@ -369,6 +370,11 @@ def test_cli_validates_a_spec_before_running_and_reports_bad_stores(tmp_path, ca
     assert main(["bench", str(ROOT / "data/bench/default.toml"), "--store", str(store), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{len(SP.load_spec(ROOT / 'data/bench/default.toml').runs())} runs" in out and not store.exists()
+    assert "seeds [0, 1, 2]" in out
+    assert main(["bench", str(ROOT / "data/bench/default.toml"), "--store", str(store), "--dry-run", "--seed", "4"]) == 0
+    assert "seeds [4, 5, 6]" in capsys.readouterr().out
+    assert main(["bench", str(ROOT / "data/bench/default.toml"), "--store", str(store), "--dry-run", "--seed", "-1"]) == 2
+    assert "seed" in capsys.readouterr().err and not store.exists()
     bad = tmp_path / "bad.toml"
     bad.write_text('[bench]\nname = "x"\nbaseline_profile = "default"\nfinetune_epochs = 1\nseeds = [0]\n'
                    'hardware = ["host"]\n[[targets]]\ntask = "classification"\ndataset = "shapes"\n[methods]\nprune = [2]\n')
@@ -698,15 +704,34 @@ def test_sweep_completes_a_store_once_and_refuses_to_run_when_told_not_to(tmp_pa
 
     spec = tiny_spec({"ptq": [4, 8]})
     path = tmp_path / "bench.sqlite"
-    with pytest.raises(RuntimeError, match=r"holds 0 of 3 runs: build it first with `survey-lib bench"):
+    with pytest.raises(RuntimeError, match=r"holds 0 of 3 runs: build it first with"):
+        runner.sweep(spec, path, run_missing=False)
+    assert not path.exists()                                   # a refusal creates no store
+    part = runner.sweep(replace(spec, methods={"ptq": (4.0,)}), path)   # two of the three runs
+    assert (part.n_runs, part.stored_before, part.ran, part.timed) == (2, 0, 2, 2)
+    with pytest.raises(RuntimeError, match=r"holds 2 of 3 runs"):
         runner.sweep(spec, path, run_missing=False)
     first = runner.sweep(spec, path)
-    assert (first.runs, first.stored_before, first.baselines, first.ran, first.timed) == (3, 0, 1, 3, 3)
+    assert (first.n_runs, first.stored_before, first.baselines, first.ran, first.timed) == (3, 2, 1, 1, 1)
+    assert set(first.seconds) == {"baselines", "phase 1", "phase 2"} and min(first.seconds.values()) >= 0
     assert sorted(first.table["key"]) == sorted(r.key for r in spec.runs())
     assert first.table["host.latency_ratio [measured]"].notna().all()
     again = runner.sweep(spec, path, run_missing=False)
     assert (again.stored_before, again.baselines, again.ran, again.timed) == (3, 0, 0, 0)
-    assert "3 of 3 runs were already stored" in again.describe()
+    assert again.describe().startswith("3 of 3 runs were already stored; 0 baselines ready")
     pd.testing.assert_frame_equal(first.table, again.table)
     with pytest.raises(TypeError, match="run_missing"):
         runner.sweep(spec, path, run_missing="no")
+    with pytest.raises(ValueError, match="n_jobs"):
+        runner.sweep(spec, path, n_jobs=0)
+
+
+def test_the_build_command_names_what_decides_the_keys(tmp_path):
+    from survey_lib.bench import runner
+
+    default = SP.load_spec(ROOT / "data/bench/default.toml")
+    store = tmp_path / "s.sqlite"
+    assert runner.build_command(default, store) == f"survey-lib bench {default.source} --store {store}"
+    shifted = default.with_seeds(3).with_threads(1)
+    assert runner.build_command(shifted, store).endswith(f"--store {store} --seed 3 --threads 1")
+    assert "SPEC.toml" in runner.build_command(tiny_spec({"ptq": [4]}), store)   # parsed from a dict: no file to name

@@ -41,10 +41,16 @@ def _baseline(run: Run) -> Any:
     return load_baseline(run.task, run.dataset, run.baseline_profile, run.seed, run.arch, run.device)
 
 
-@functools.lru_cache(maxsize=16)
 def load_baseline(task: str, dataset: str, profile: str, seed: int, arch: str, device: str = "cpu") -> Any:
-    """A baseline (on the CPU; trained on ``device``), loaded and evaluated once per process: every method reads
-    it and none may change it."""
+    """A baseline (on the CPU; trained on ``device``), loaded and evaluated once per process and shared by every
+    caller: deep-copy its model before changing anything in it."""
+    from .._validate import check_device, check_seed
+
+    return _cached_baseline(str(task), str(dataset), str(profile), check_seed(seed), str(arch), check_device(device))
+
+
+@functools.lru_cache(maxsize=32)   # the full spec's baselines, CIFAR-10 included, fit
+def _cached_baseline(task: str, dataset: str, profile: str, seed: int, arch: str, device: str) -> Any:
     from ..baselines import baseline
 
     return baseline(task, dataset, profile=profile, seed=seed, arch=arch, device=device)
@@ -299,9 +305,9 @@ class Sweep:
     """What :func:`sweep` found and did, and the store's rows of the spec's runs."""
 
     table: pd.DataFrame
-    runs: int             # runs in the spec
+    n_runs: int           # runs in the spec
     stored_before: int    # of them already in the store, with their model
-    baselines: int        # baselines loaded (or trained) here
+    baselines: int        # baselines loaded (or trained) here for the missing runs
     ran: int              # runs executed in phase 1
     timed: int            # runs timed in phase 2
     seconds: dict[str, float]   # wall time of "baselines", "phase 1" and "phase 2"
@@ -309,32 +315,57 @@ class Sweep:
     def describe(self) -> str:
         """One line: what was stored, what ran and timed, and how long each step took."""
         s = self.seconds
-        return (f"{self.stored_before} of {self.runs} runs were already stored; {self.baselines} baselines ready in "
+        return (f"{self.stored_before} of {self.n_runs} runs were already stored; {self.baselines} baselines ready in "
                 f"{s['baselines']:.0f} s; phase 1 ran {self.ran} in {s['phase 1']:.0f} s; phase 2 timed {self.timed} "
                 f"serially in {s['phase 2']:.0f} s")
 
 
+def build_command(spec: Spec, path: str | Path) -> str:
+    """The ``survey-lib bench`` command that fills a store at ``path`` with ``spec``'s runs (same keys)."""
+    from ..profiles import DEFAULT_THREADS
+    from .spec import load_spec
+
+    source = Path(spec.source)
+    if not source.is_file():
+        return f"survey-lib bench SPEC.toml --store {path} (with this spec written as SPEC.toml)"
+    parts = [f"survey-lib bench {source} --store {path}"]
+    if load_spec(source).seeds != spec.seeds:
+        parts.append(f"--seed {spec.seeds[0]}")   # with_seeds: consecutive seeds from the first
+    if spec.device != "cpu":
+        parts.append(f"--device {spec.device}")
+    if spec.threads != DEFAULT_THREADS:
+        parts.append(f"--threads {spec.threads}")
+    return " ".join(parts)
+
+
 def sweep(spec: Spec, path: str | Path, *, n_jobs: int = 1, run_missing: bool = True) -> Sweep:
     """The results store at ``path`` completed for ``spec`` and read back: the runs it lacks are executed (phase 1,
-    :func:`compress`) and timed (phase 2, :func:`time_runs`) first. With ``run_missing=False`` a store that lacks
-    runs raises RuntimeError naming the command that builds it (for sweeps too long for a notebook)."""
-    from .._validate import check_type
+    :func:`compress`) and any run without a latency is timed (phase 2, :func:`time_runs`) first. With
+    ``run_missing=False`` a store that lacks runs (or does not exist) raises RuntimeError naming the command that
+    builds it, for sweeps too long for a notebook, and no file is created."""
+    from .._validate import check_int, check_type
 
+    n_jobs = check_int("n_jobs", n_jobs, min_value=1, max_value=256)
     check_type("run_missing", run_missing, bool, "True or False")
-    seconds = {}
-    with ResultsStore(path) as store:
-        before = stored_runs(spec, store)
-        if not run_missing and before < len(spec.runs()):
-            raise RuntimeError(f"the {spec.name!r} store at {store.path} holds {before} of {len(spec.runs())} runs: build "
-                               f"it first with `survey-lib bench {spec.source} --store {store.path}`"
+    path, runs = Path(path), spec.runs()
+    if not run_missing:
+        held = 0
+        if path.exists():
+            with ResultsStore(path) as store:
+                held = stored_runs(spec, store)
+        if held < len(runs):
+            raise RuntimeError(f"the {spec.name!r} store at {path} holds {held} of {len(runs)} runs: build it first with "
+                               f"`{build_command(spec, path)}`"
                                + (f" (expected about {spec.expected_minutes:g} min)" if spec.expected_minutes else ""))
-        start = time.perf_counter()
+    with ResultsStore(path) as store:
         todo = _missing(spec, store)
+        t0 = time.perf_counter()
         baselines = prepare_baselines(spec, todo) if todo else 0
-        seconds["baselines"] = time.perf_counter() - start
+        t1 = time.perf_counter()
         ran = compress(spec, store, n_jobs=n_jobs)
-        seconds["phase 1"] = time.perf_counter() - start - seconds["baselines"]
+        t2 = time.perf_counter()
         timed = time_runs(spec, store)
-        seconds["phase 2"] = time.perf_counter() - start - seconds["baselines"] - seconds["phase 1"]
-        table = store.table([r.key for r in spec.runs()])
-    return Sweep(table, len(spec.runs()), before, baselines, ran, timed, seconds)
+        t3 = time.perf_counter()
+        table = store.table([r.key for r in runs])
+    return Sweep(table, len(runs), len(runs) - len(todo), baselines, ran, timed,
+                 {"baselines": t1 - t0, "phase 1": t2 - t1, "phase 2": t3 - t2})
