@@ -1,9 +1,8 @@
-"""``survey-lib`` command line: run notebooks headless, refresh committed outputs, lint notebooks."""
+"""``survey-lib`` command line: run notebooks headless, build the site, refresh committed outputs, lint notebooks."""
 
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import sqlite3
@@ -22,6 +21,7 @@ set_openmp_wait()
 from . import notebooks as nbtools  # noqa: E402
 from ._io import atomic_write, atomic_write_text  # noqa: E402
 from .profiles import DEFAULT_THREADS, PROFILES  # noqa: E402
+from .results import project_root, results_dir  # noqa: E402
 
 
 @dataclass
@@ -36,8 +36,7 @@ class RunOutcome:
 
 def run_notebook(path: Path, output: Path, profile: str, *, timeout: int = 900,
                  parameters: dict[str, Any] | None = None) -> RunOutcome:
-    """Execute one notebook with papermill into ``output`` (``parameters`` override its parameters cell),
-    then write its HTML page."""
+    """Execute one notebook with papermill into ``output`` (``parameters`` override its parameters cell)."""
     import papermill as pm
 
     name = path.stem
@@ -47,12 +46,10 @@ def run_notebook(path: Path, output: Path, profile: str, *, timeout: int = 900,
     params.update(parameters or {})
     start = time.perf_counter()
     try:
-        executed = output / f"{name}.ipynb"
         pm.execute_notebook(
-            str(path), str(executed), parameters=params, kernel_name="python3",
+            str(path), str(output / f"{name}.ipynb"), parameters=params, kernel_name="python3",
             cwd=str(path.parent), progress_bar=False, log_output=False, execution_timeout=timeout,
         )
-        _write_html(executed, output / f"{name}.html")
         return RunOutcome(name, True, time.perf_counter() - start)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         return RunOutcome(name, False, time.perf_counter() - start, _first_lines(exc))
@@ -68,42 +65,20 @@ def _first_lines(exc: Exception, n: int = 12) -> str:
     return "\n".join(str(exc).strip().splitlines()[-n:])
 
 
-def _write_html(ipynb: Path, target: Path) -> None:
-    from nbconvert import HTMLExporter
+def write_site(output: Path, outcomes: list[RunOutcome], profile: str) -> Path:
+    """Build the site into ``output`` (survey_lib.site) from every executed notebook there, with this run's
+    ``outcomes``, its results and the benchmark store of ``profile``; return its ``index.html``."""
+    from .site import Status, build_site
 
-    body, _ = HTMLExporter().from_filename(str(ipynb))
-    atomic_write_text(target, body)
-
-
-def write_index(output: Path, outcomes: list[RunOutcome], profile: str) -> Path:
-    """Write ``index.html``: each notebook run, its status, time and key results."""
-    rows = []
-    for o in outcomes:
-        data = _load_results(output, o.name)
-        figures = "<br>".join(
-            f"{html.escape(k)} = {v:.4g} {html.escape(u)} <i>({kind})</i>" if isinstance(v, float)
-            else f"{html.escape(k)} = {v} {html.escape(u)} <i>({kind})</i>"
-            for k, v, u, kind in nbtools.key_results(data)
-        )
-        status = "ok" if o.ok else f"FAILED<pre>{html.escape(o.error)}</pre>"
-        rows.append(
-            f"<tr><td><a href='{o.name}.html'>{o.name}</a></td><td>{status}</td>"
-            f"<td>{o.seconds:.1f} s</td><td>{figures}</td></tr>"
-        )
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>survey_lib workbook</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:.4em;"
-        "vertical-align:top}table{border-collapse:collapse}</style>"
-        f"<h1>Compression and acceleration workbook</h1><p>profile: <b>{profile}</b></p>"
-        "<table><tr><th>notebook</th><th>status</th><th>time</th><th>key results</th></tr>"
-        + "".join(rows) + "</table>"
-    )
-    return atomic_write_text(output / "index.html", page)
+    statuses = {o.name: Status(o.ok, o.seconds, o.error) for o in outcomes}
+    spec = project_root() / "data" / "bench" / f"{profile}.toml"
+    return build_site(nbtools.list_notebooks(output), output, statuses=statuses, results=output / "results",
+                      store=bench_store(profile), spec=spec, profile=profile)
 
 
-def _load_results(output: Path, name: str) -> dict:
-    path = output / "results" / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+def bench_store(name: str) -> Path:
+    """The store of benchmark spec ``name`` where notebooks 08, 09 and 10 keep it: ``<project>/build/bench/<name>.sqlite``."""
+    return project_root() / "build" / "bench" / f"{name}.sqlite"
 
 
 CELL_TIMEOUT_S = {"default": 900, "full": 7200}
@@ -131,10 +106,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(paths)}] {path.stem}: {state} in {outcome.seconds:.1f} s", flush=True)
         if not outcome.ok:
             print(outcome.error, file=sys.stderr)
-    index = write_index(output, outcomes, args.profile)
+    index = write_site(output, outcomes, args.profile)
     failed = [o.name for o in outcomes if not o.ok]
     print(f"wrote {index}; {len(outcomes) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    """Build the static site from already-executed notebooks (nothing is executed or trained)."""
+    from .site import build_site
+
+    paths = nbtools.list_notebooks(Path(args.notebooks))
+    if not paths:
+        raise ValueError(f"--notebooks {args.notebooks}: no notebooks found (NN_name.ipynb)")
+    index = build_site(paths, Path(args.output), results=args.results or results_dir(),
+                       store=args.store or bench_store("default"), spec=args.spec)
+    print(f"wrote {index} ({len(paths)} notebook pages, {Path(args.output) / 'leaderboard.html'})")
+    return 0
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -213,13 +201,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for fmt in args.export:
             out = Path(args.store).with_suffix(f".{fmt}")
             if fmt == "md":
-                from .bench import report
+                from .site import leaderboard_markdown
 
-                from .bench.guidelines import checklist_markdown, guidelines
-
-                table = store.table(keys)
-                atomic_write_text(store.export_path(out), f"# Benchmark {spec.name!r}\n\n" + report.leaderboard(report.summary(table), spec.hardware)
-                                  + "\n## Guidelines from these results\n\n" + checklist_markdown(guidelines(table, spec.hardware)) + "\n")
+                atomic_write_text(store.export_path(out), leaderboard_markdown(spec, store.table(keys)))
             else:
                 (store.to_csv if fmt == "csv" else store.to_parquet)(out, keys)
             print(f"wrote {out}")
@@ -297,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
                      dest="parameters", default={},
                      help="override a parameters-cell value, as papermill's -p does (e.g. -p seed 1 -p dataset digits)")
     run.set_defaults(func=cmd_run)
+    site = sub.add_parser("site", help="build the static site (pages, landing page, leaderboard) from executed notebooks")
+    site.add_argument("--notebooks", default=str(nbtools.notebooks_dir()),
+                      help="folder of executed NN_name.ipynb files (default: the committed notebooks/, which carry "
+                           "the default profile's outputs; or a build folder)")
+    site.add_argument("--output", default=str(Path("build") / "site"), help="folder for the site (default: build/site)")
+    site.add_argument("--results", default=None,
+                      help="folder of <notebook>.json results files for the key results (default: "
+                           "$SURVEY_LIB_RESULTS_DIR or build/results)")
+    site.add_argument("--store", default=None,
+                      help="the benchmark store the leaderboard reads and never writes (default: build/bench/default.sqlite "
+                           "of this project, where notebooks 08, 09 and 10 keep it)")
+    site.add_argument("--spec", default=None, help="the benchmark spec of the leaderboard (default: data/bench/default.toml)")
+    site.set_defaults(func=cmd_site)
     refresh = sub.add_parser("refresh", help="re-run notebooks (default profile) and commit-ready outputs")
     refresh.add_argument("notebooks", nargs="*")
     refresh.add_argument("--output", default="build/refresh")
@@ -328,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where baselines and fine-tuning train: cpu (default), cuda or cuda:N (runs get their own keys; "
                             "latency is still measured on this machine's CPU)")
     bench.add_argument("--seed", type=int, default=None, metavar="N",
-                       help="shift the spec's seeds to N, N+1, ... (as many as it lists), as notebooks 08 and 10's seed "
+                       help="shift the spec's seeds to N, N+1, ... (as many as it lists), as notebooks 08, 09 and 10's seed "
                             "parameter does")
     bench.add_argument("--dry-run", action="store_true", help="validate the spec and list what would run")
     bench.set_defaults(func=cmd_bench)

@@ -31,6 +31,7 @@ def test_run_writes_executed_html_results_and_index(tmp_path, capsys):
     assert data["results"]["answer"]["config"] == {"profile": "full"}
     index = (out / "index.html").read_text()
     assert "98_good" in index and "answer" in index and "ok" in index
+    assert (out / "leaderboard.html").exists() and 'href="index.html"' in (out / "98_good.html").read_text()  # the site
     assert "[1/1] 98_good: ok" in capsys.readouterr().out
 
 
